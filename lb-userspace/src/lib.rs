@@ -1,0 +1,3 @@
+//! Headroom userspace: loads the XDP program, fills its maps, builds tables.
+
+pub mod maglev;

@@ -1,0 +1,1 @@
+//! Weighted Maglev lookup tables (placeholder; being written).
