@@ -9,7 +9,9 @@ use std::{
 const HINT: &str = "run `cargo xtask build-ebpf` (it installs what is missing and builds lb-ebpf)";
 
 fn newest(dir: &Path, acc: &mut Option<(SystemTime, PathBuf)>) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.is_dir() {
@@ -27,8 +29,12 @@ fn newest(dir: &Path, acc: &mut Option<(SystemTime, PathBuf)>) {
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest.parent().expect("lb-userspace sits in the workspace root").to_path_buf();
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .parent()
+        .expect("lb-userspace sits in the workspace root")
+        .to_path_buf();
     println!("cargo:rerun-if-env-changed=HEADROOM_EBPF_OBJECT");
     let object = env::var_os("HEADROOM_EBPF_OBJECT")
         .map(PathBuf::from)
@@ -37,7 +43,10 @@ fn main() {
 
     let built = match fs::metadata(&object).and_then(|m| m.modified()) {
         Ok(t) => t,
-        Err(_) => panic!("\n\nthe XDP object {} is missing: {HINT}\n", object.display()),
+        Err(_) => panic!(
+            "\n\nthe XDP object {} is missing: {HINT}\n",
+            object.display()
+        ),
     };
     let mut src = None;
     newest(&root.join("lb-ebpf/src"), &mut src);

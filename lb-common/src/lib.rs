@@ -51,7 +51,8 @@ pub mod maps {
     pub const SERVICES: &str = "SERVICES";
     /// `Array<Backend>` indexed by backend id.
     pub const BACKENDS: &str = "BACKENDS";
-    /// `Array<u32>` of backend ids: all services' double-buffered lookup tables.
+    /// `Array<[u32; 2]>` of backend ids, slot i at element i/2: all services'
+    /// double-buffered lookup tables, mmapable (a dense `u32` array to userspace).
     pub const TABLES: &str = "TABLES";
     /// `LruHashMap<FlowKey, Flow>`: the connection table.
     pub const CONNTRACK: &str = "CONNTRACK";
@@ -298,7 +299,10 @@ mod pod {
 #[inline(always)]
 fn mix(mut h: u32, k: u32) -> u32 {
     // murmur3 block step: cheap, and good enough spread for slot choice.
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
     h ^= k;
     h.rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
 }

@@ -1,0 +1,773 @@
+//! Headroom's XDP balancer: a thin data path whose intelligence lives in
+//! userspace, expressed as map contents (see docs/ARCHITECTURE.md).
+//!
+//! Per packet: parse → is the destination a VIP? → conntrack hit, or pick a
+//! slot `flow_hash % M` in the service's table → rewrite (nat) or not (dsr)
+//! → next hop from the kernel FIB → XDP_TX / XDP_REDIRECT. Every packet bumps
+//! exactly one verdict counter; anything not ours leaves untouched.
+#![no_std]
+#![no_main]
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    helpers::{
+        bpf_ktime_get_ns,
+        generated::{bpf_fib_lookup, bpf_redirect},
+    },
+    macros::{map, xdp},
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use aya_log_ebpf::debug;
+use lb_common::{
+    counter, flow_hash, Backend, Config, Counters, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
+    BACKEND_ACTIVE, CONFIG_NAT_REPLIES, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, FAMILY_V4, FAMILY_V6, MODE_NAT, NO_BACKEND,
+    PROTO_TCP, PROTO_UDP,
+};
+
+#[map(name = "SERVICES")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "BACKENDS")]
+static BACKENDS: Array<Backend> = Array::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+// Two buffers per service so a table is replaced by flipping `table_base`.
+// Mmapable so userspace writes a 65537-slot table with stores, not syscalls.
+// Array elements are padded to 8 bytes, so slots are stored in pairs: the
+// mapping is then a dense u32 array (slot i = element i/2, half i%2).
+#[map(name = "TABLES")]
+static TABLES: Array<[u32; 2]> =
+    Array::with_max_entries(DEFAULT_MAX_SERVICES * DEFAULT_TABLE_SIZE, BPF_F_MMAPABLE);
+
+// Per-CPU LRU lists, one shared table: no cross-CPU contention on eviction.
+#[map(name = "CONNTRACK")]
+static CONNTRACK: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "NAT_REV")]
+static NAT_REV: LruHashMap<FlowKey, RevNat> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_SIZE, BPF_F_NO_COMMON_LRU);
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "GLOBAL_STATS")]
+static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[map(name = "SERVICE_STATS")]
+static SERVICE_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_SERVICES, 0);
+
+#[map(name = "BACKEND_STATS")]
+static BACKEND_STATS: PerCpuArray<Counters> =
+    PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+#[map(name = "TX_PORTS")]
+static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_FRAGMENT: u8 = 44;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// `struct bpf_fib_lookup` without its unions (same 64-byte layout).
+#[repr(C)]
+struct Fib {
+    family: u8,
+    l4_protocol: u8,
+    sport: u16,
+    dport: u16,
+    tot_len: u16,
+    ifindex: u32,
+    flowinfo: u32,
+    src: [u32; 4],
+    dst: [u32; 4],
+    vlan: u32,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+}
+
+/// A parsed TCP/UDP packet.
+struct Pkt {
+    l3: usize,
+    l4: usize,
+    key: FlowKey,
+    tcp_flags: u8,
+    /// IPv4 total length or IPv6 payload length + 40, for the FIB's MTU check.
+    ip_len: u16,
+}
+
+#[xdp]
+pub fn headroom(ctx: XdpContext) -> u32 {
+    let verdict = balance(&ctx);
+    bump(verdict);
+    match verdict {
+        counter::TX => xdp_action::XDP_TX,
+        counter::REDIRECT => xdp_action::XDP_REDIRECT,
+        counter::DROP_NO_BACKEND | counter::DROP_REDIRECT => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The floor of the benchmark, and the program on veth peers that lets them
+/// take redirected frames.
+#[xdp]
+pub fn headroom_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn bump(c: u32) {
+    if let Some(v) = GLOBAL_STATS.get_ptr_mut(c) {
+        unsafe { *v += 1 };
+    }
+}
+
+/// A pointer to a `T` at `off` bytes into the packet, if the packet holds it.
+#[inline(always)]
+fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+#[inline(always)]
+fn rd<T: Copy>(p: *mut T) -> T {
+    unsafe { *p }
+}
+
+#[inline(always)]
+fn wr<T>(p: *mut T, v: T) {
+    unsafe { *p = v }
+}
+
+/// Returns the verdict counter; the action follows from it.
+#[inline(always)]
+fn balance(ctx: &XdpContext) -> u32 {
+    let Some(eth_type) = at::<u16>(ctx, 12) else {
+        return counter::PASS_TRUNC_ETH;
+    };
+    let mut proto = u16::from_be(rd(eth_type));
+    let mut l3 = ETH_HLEN;
+    if proto == ETH_P_8021Q {
+        let Some(inner) = at::<u16>(ctx, 16) else {
+            return counter::PASS_TRUNC_VLAN;
+        };
+        proto = u16::from_be(rd(inner));
+        l3 = ETH_HLEN + 4;
+    }
+    match proto {
+        ETH_P_IP => ipv4(ctx, l3),
+        ETH_P_IPV6 => ipv6(ctx, l3),
+        _ => counter::PASS_NOT_IP,
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize) -> u32 {
+    let Some(hdr) = at::<[u32; 5]>(ctx, l3) else {
+        return counter::PASS_TRUNC_IPV4;
+    };
+    let w0 = rd(hdr)[0].to_ne_bytes();
+    let ihl = (w0[0] & 0x0f) as usize;
+    if w0[0] >> 4 != 4 || ihl < 5 {
+        return counter::PASS_TRUNC_IPV4;
+    }
+    let tot_len = u16::from_be_bytes([w0[2], w0[3]]);
+    let hlen = ihl * 4;
+    if (tot_len as usize) < hlen || ctx.data() + l3 + tot_len as usize > ctx.data_end() {
+        return counter::PASS_TRUNC_IPV4;
+    }
+    let w = rd(hdr);
+    let w1 = w[1].to_ne_bytes();
+    if u16::from_be_bytes([w1[2], w1[3]]) & 0x1fff != 0 {
+        return counter::PASS_FRAGMENT;
+    }
+    let ip_proto = w[2].to_ne_bytes()[1];
+    let l4 = l3 + hlen;
+    let mut key = FlowKey {
+        family: FAMILY_V4,
+        proto: ip_proto,
+        ..FlowKey::default()
+    };
+    key.src[0] = w[3];
+    key.dst[0] = w[4];
+    match ip_proto {
+        PROTO_TCP | PROTO_UDP => l4_ports(ctx, l3, l4, key, tot_len),
+        IPPROTO_ICMP => icmp4(ctx, l3, l4, &key, tot_len),
+        _ => counter::PASS_L4_OTHER,
+    }
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize) -> u32 {
+    let Some(hdr) = at::<[u32; 10]>(ctx, l3) else {
+        return counter::PASS_TRUNC_IPV6;
+    };
+    let h = rd(hdr);
+    let w0 = h[0].to_ne_bytes();
+    let w1 = h[1].to_ne_bytes();
+    let plen = u16::from_be_bytes([w1[0], w1[1]]) as usize;
+    if w0[0] >> 4 != 6 || ctx.data() + l3 + 40 + plen > ctx.data_end() {
+        return counter::PASS_TRUNC_IPV6;
+    }
+    let nh = w1[2];
+    let mut key = FlowKey {
+        family: FAMILY_V6,
+        proto: nh,
+        ..FlowKey::default()
+    };
+    key.src = [h[2], h[3], h[4], h[5]];
+    key.dst = [h[6], h[7], h[8], h[9]];
+    let ip_len = (plen + 40) as u16;
+    match nh {
+        PROTO_TCP | PROTO_UDP => l4_ports(ctx, l3, l3 + 40, key, ip_len),
+        IPPROTO_ICMPV6 => icmp6(ctx, l3, l3 + 40, &key, ip_len),
+        IPPROTO_FRAGMENT => counter::PASS_FRAGMENT,
+        _ => counter::PASS_L4_OTHER,
+    }
+}
+
+#[inline(always)]
+fn l4_ports(ctx: &XdpContext, l3: usize, l4: usize, mut key: FlowKey, ip_len: u16) -> u32 {
+    let mut tcp_flags = 0;
+    if key.proto == PROTO_TCP {
+        let Some(th) = at::<[u8; 20]>(ctx, l4) else {
+            return counter::PASS_TRUNC_L4;
+        };
+        tcp_flags = rd(th)[13];
+    } else if at::<[u8; 8]>(ctx, l4).is_none() {
+        return counter::PASS_TRUNC_L4;
+    }
+    let Some(ports) = at::<[u16; 2]>(ctx, l4) else {
+        return counter::PASS_TRUNC_L4;
+    };
+    let p = rd(ports);
+    key.sport = p[0];
+    key.dport = p[1];
+    let pkt = Pkt {
+        l3,
+        l4,
+        key,
+        tcp_flags,
+        ip_len,
+    };
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    };
+    match unsafe { SERVICES.get(&skey) } {
+        Some(svc) => to_backend(ctx, &pkt, svc),
+        None => nat_reply(ctx, &pkt),
+    }
+}
+
+/// Picks (or recalls) the flow's backend and forwards the packet there.
+#[inline(always)]
+fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
+    let key = &pkt.key;
+    let udp = key.proto == PROTO_UDP;
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let mut now = 0;
+    let mut chosen = None;
+    // A SYN always selects: a reused 4-tuple is a new connection.
+    if !syn {
+        if let Some(f) = CONNTRACK.get_ptr_mut(key) {
+            let id = rd(f).backend;
+            let active = BACKENDS
+                .get(id)
+                .is_some_and(|b| b.flags & BACKEND_ACTIVE != 0);
+            if !active {
+                bump(counter::CT_RESELECT);
+            } else if udp {
+                now = unsafe { bpf_ktime_get_ns() };
+                let idle = CONFIG.get(0).map_or(0, |c| c.udp_idle_timeout_ns);
+                if now.wrapping_sub(rd(f).atime_ns) > idle {
+                    bump(counter::CT_UDP_EXPIRED);
+                } else {
+                    unsafe { (*f).atime_ns = now };
+                    chosen = Some(id);
+                }
+            } else {
+                chosen = Some(id);
+            }
+        } else if key.proto == PROTO_TCP {
+            bump(counter::MISS_NON_SYN);
+        }
+    } else {
+        bump(counter::MISS_SYN);
+    }
+
+    let new_flow = chosen.is_none();
+    let id = match chosen {
+        Some(id) => {
+            bump(counter::CT_HIT);
+            id
+        }
+        None => {
+            bump(counter::CT_MISS);
+            let Some(id) = select(svc, key) else {
+                return counter::DROP_NO_BACKEND;
+            };
+            if udp && now == 0 {
+                now = unsafe { bpf_ktime_get_ns() };
+            }
+            let flow = Flow {
+                backend: id,
+                _pad: 0,
+                atime_ns: now,
+            };
+            // Failure (map full of locked entries) only costs affinity.
+            let _ = CONNTRACK.insert(key, &flow, 0);
+            debug!(ctx, "new flow: service {} -> backend {}", svc.id, id);
+            id
+        }
+    };
+    let Some(b) = BACKENDS.get(id) else {
+        return counter::DROP_NO_BACKEND;
+    };
+    let b = *b;
+    let nat = svc.mode == MODE_NAT;
+    let dport = if nat { b.port } else { key.dport };
+
+    let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
+    fib.sport = key.sport;
+    fib.dport = dport;
+    fib.src = key.src;
+    fib.dst = b.addr;
+    if !lookup(ctx, &mut fib) {
+        return counter::PASS_FIB;
+    }
+
+    if nat {
+        if new_flow {
+            let rkey = FlowKey {
+                src: b.addr,
+                dst: key.src,
+                sport: b.port,
+                dport: key.sport,
+                proto: key.proto,
+                family: key.family,
+                _pad: [0; 2],
+            };
+            let rev = RevNat {
+                vip: key.dst,
+                vport: key.dport,
+                _pad: [0; 2],
+                service: svc.id,
+            };
+            let _ = NAT_REV.insert(&rkey, &rev, 0);
+        }
+        if !rewrite(ctx, pkt, false, &b.addr, b.port) {
+            return counter::PASS_TRUNC_L4;
+        }
+    }
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    account(&SERVICE_STATS, svc.id, len, new_flow);
+    account(&BACKEND_STATS, id, len, new_flow);
+    forward(ctx, &fib)
+}
+
+/// The backend of a new flow: `table[flow_hash % M]` of the active buffer.
+#[inline(always)]
+fn select(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
+    if svc.table_size == 0 {
+        return None;
+    }
+    let index = svc.table_base.wrapping_add(flow_hash(key) % svc.table_size);
+    let id = TABLES.get(index >> 1)?[(index & 1) as usize];
+    if id == NO_BACKEND {
+        return None;
+    }
+    let b = BACKENDS.get(id)?;
+    (b.flags & BACKEND_ACTIVE != 0).then_some(id)
+}
+
+/// A reply from a nat backend: source back to the VIP, then to the client.
+#[inline(always)]
+fn nat_reply(ctx: &XdpContext, pkt: &Pkt) -> u32 {
+    let nat_on = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_NAT_REPLIES != 0);
+    if !nat_on {
+        return counter::PASS_NOT_VIP;
+    }
+    let key = &pkt.key;
+    let Some(rev) = (unsafe { NAT_REV.get(key) }) else {
+        return counter::PASS_NOT_VIP;
+    };
+    let rev = *rev;
+    let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
+    fib.sport = rev.vport;
+    fib.dport = key.dport;
+    fib.src = rev.vip;
+    fib.dst = key.dst;
+    if !lookup(ctx, &mut fib) {
+        return counter::PASS_FIB;
+    }
+    if !rewrite(ctx, pkt, true, &rev.vip, rev.vport) {
+        return counter::PASS_TRUNC_L4;
+    }
+    bump(counter::NAT_REPLY);
+    forward(ctx, &fib)
+}
+
+/// Rewrites the destination (or, for replies, the source) address and port,
+/// fixing the IPv4 header and TCP/UDP checksums incrementally.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, pkt: &Pkt, source: bool, addr: &[u32; 4], port: u16) -> bool {
+    let mut d = Delta(0);
+    let v4 = pkt.key.family == FAMILY_V4;
+    let (addr_off, port_off) = match (v4, source) {
+        (true, true) => (12, 0),
+        (true, false) => (16, 2),
+        (false, true) => (8, 0),
+        (false, false) => (24, 2),
+    };
+    if v4 {
+        let Some(a) = at::<u32>(ctx, pkt.l3 + addr_off) else {
+            return false;
+        };
+        let Some(c) = at::<u16>(ctx, pkt.l3 + 10) else {
+            return false;
+        };
+        let old = rd(a);
+        d.w32(old, addr[0]);
+        wr(a, addr[0]);
+        wr(c, d.apply(rd(c)));
+    } else {
+        let Some(a) = at::<[u32; 4]>(ctx, pkt.l3 + addr_off) else {
+            return false;
+        };
+        let old = rd(a);
+        let mut i = 0;
+        while i < 4 {
+            d.w32(old[i], addr[i]);
+            i += 1;
+        }
+        wr(a, *addr);
+    }
+    let Some(p) = at::<u16>(ctx, pkt.l4 + port_off) else {
+        return false;
+    };
+    d.w16(rd(p), port);
+    wr(p, port);
+    let csum_off = if pkt.key.proto == PROTO_TCP { 16 } else { 6 };
+    let Some(c) = at::<u16>(ctx, pkt.l4 + csum_off) else {
+        // A first fragment too short to carry the TCP checksum: leave it.
+        return pkt.key.proto == PROTO_TCP;
+    };
+    let old = rd(c);
+    if pkt.key.proto == PROTO_UDP && v4 && old == 0 {
+        return true; // IPv4 UDP without checksum stays without.
+    }
+    let mut new = d.apply(old);
+    if pkt.key.proto == PROTO_UDP && new == 0 {
+        new = 0xffff;
+    }
+    wr(c, new);
+    true
+}
+
+/// ICMPv4 fragmentation-needed quoting a balanced flow: to that flow's backend.
+#[inline(always)]
+fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
+    let Some(ih) = at::<[u8; 8]>(ctx, l4) else {
+        return counter::PASS_TRUNC_L4;
+    };
+    let ih = rd(ih);
+    if ih[0] != ICMP_DEST_UNREACH || ih[1] != ICMP_FRAG_NEEDED {
+        return counter::PASS_ICMP;
+    }
+    let il3 = l4 + 8;
+    let Some(inner) = at::<[u32; 5]>(ctx, il3) else {
+        return counter::PASS_ICMP;
+    };
+    let w = rd(inner);
+    let b0 = w[0].to_ne_bytes()[0];
+    let ihl = (b0 & 0x0f) as usize;
+    let iproto = w[2].to_ne_bytes()[1];
+    if b0 >> 4 != 4 || ihl < 5 || (iproto != PROTO_TCP && iproto != PROTO_UDP) {
+        return counter::PASS_ICMP;
+    }
+    let il4 = il3 + ihl * 4;
+    let Some(ports) = at::<[u16; 2]>(ctx, il4) else {
+        return counter::PASS_ICMP;
+    };
+    let p = rd(ports);
+    // The quoted packet went VIP -> client; the flow is client -> VIP.
+    let mut key = FlowKey {
+        sport: p[1],
+        dport: p[0],
+        proto: iproto,
+        family: FAMILY_V4,
+        ..FlowKey::default()
+    };
+    key.src[0] = w[4];
+    key.dst[0] = w[3];
+    if outer.dst[0] != w[3] {
+        return counter::PASS_ICMP;
+    }
+    let Some((svc, b)) = tracked(&key) else {
+        return counter::PASS_ICMP;
+    };
+    let mut fib = fib_params(ctx, FAMILY_V4, IPPROTO_ICMP, ip_len);
+    fib.src = outer.src;
+    fib.dst = b.addr;
+    if !lookup(ctx, &mut fib) {
+        return counter::PASS_FIB;
+    }
+    if svc.mode == MODE_NAT {
+        // Outer destination, inner source address and port, inner IP checksum;
+        // the ICMP checksum covers the inner bytes, so it follows them.
+        let (Some(odst), Some(ocsum), Some(isrc), Some(icsum), Some(isport), Some(ccsum)) = (
+            at::<u32>(ctx, l3 + 16),
+            at::<u16>(ctx, l3 + 10),
+            at::<u32>(ctx, il3 + 12),
+            at::<u16>(ctx, il3 + 10),
+            at::<u16>(ctx, il4),
+            at::<u16>(ctx, l4 + 2),
+        ) else {
+            return counter::PASS_ICMP;
+        };
+        let mut od = Delta(0);
+        od.w32(rd(odst), b.addr[0]);
+        wr(odst, b.addr[0]);
+        wr(ocsum, od.apply(rd(ocsum)));
+
+        let mut id = Delta(0);
+        id.w32(rd(isrc), b.addr[0]);
+        let old_icsum = rd(icsum);
+        let new_icsum = id.apply(old_icsum);
+        let mut cd = id;
+        cd.w16(old_icsum, new_icsum);
+        cd.w16(rd(isport), b.port);
+        wr(isrc, b.addr[0]);
+        wr(icsum, new_icsum);
+        wr(isport, b.port);
+        wr(ccsum, cd.apply(rd(ccsum)));
+    }
+    bump(counter::ICMP_TO_BACKEND);
+    forward(ctx, &fib)
+}
+
+/// ICMPv6 packet-too-big quoting a balanced flow: to that flow's backend.
+#[inline(always)]
+fn icmp6(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
+    let Some(ih) = at::<[u8; 8]>(ctx, l4) else {
+        return counter::PASS_TRUNC_L4;
+    };
+    if rd(ih)[0] != ICMPV6_PKT_TOOBIG {
+        return counter::PASS_ICMP;
+    }
+    let il3 = l4 + 8;
+    let Some(inner) = at::<[u32; 10]>(ctx, il3) else {
+        return counter::PASS_ICMP;
+    };
+    let h = rd(inner);
+    let w1 = h[1].to_ne_bytes();
+    let iproto = w1[2];
+    if h[0].to_ne_bytes()[0] >> 4 != 6 || (iproto != PROTO_TCP && iproto != PROTO_UDP) {
+        return counter::PASS_ICMP;
+    }
+    let il4 = il3 + 40;
+    let Some(ports) = at::<[u16; 2]>(ctx, il4) else {
+        return counter::PASS_ICMP;
+    };
+    let p = rd(ports);
+    let key = FlowKey {
+        src: [h[6], h[7], h[8], h[9]],
+        dst: [h[2], h[3], h[4], h[5]],
+        sport: p[1],
+        dport: p[0],
+        proto: iproto,
+        family: FAMILY_V6,
+        _pad: [0; 2],
+    };
+    if outer.dst != key.dst {
+        return counter::PASS_ICMP;
+    }
+    let Some((svc, b)) = tracked(&key) else {
+        return counter::PASS_ICMP;
+    };
+    let mut fib = fib_params(ctx, FAMILY_V6, IPPROTO_ICMPV6, ip_len);
+    fib.src = outer.src;
+    fib.dst = b.addr;
+    if !lookup(ctx, &mut fib) {
+        return counter::PASS_FIB;
+    }
+    if svc.mode == MODE_NAT {
+        // The ICMPv6 checksum covers the pseudo-header (outer destination)
+        // and the quoted bytes (inner source address and port).
+        let (Some(odst), Some(isrc), Some(isport), Some(ccsum)) = (
+            at::<[u32; 4]>(ctx, l3 + 24),
+            at::<[u32; 4]>(ctx, il3 + 8),
+            at::<u16>(ctx, il4),
+            at::<u16>(ctx, l4 + 2),
+        ) else {
+            return counter::PASS_ICMP;
+        };
+        let mut d = Delta(0);
+        let o = rd(odst);
+        let s = rd(isrc);
+        let mut i = 0;
+        while i < 4 {
+            d.w32(o[i], b.addr[i]);
+            d.w32(s[i], b.addr[i]);
+            i += 1;
+        }
+        d.w16(rd(isport), b.port);
+        wr(odst, b.addr);
+        wr(isrc, b.addr);
+        wr(isport, b.port);
+        wr(ccsum, d.apply(rd(ccsum)));
+    }
+    bump(counter::ICMP_TO_BACKEND);
+    forward(ctx, &fib)
+}
+
+/// The service and live backend of a tracked flow, for ICMP errors (no
+/// selection: an error about an unknown flow is not ours to route).
+#[inline(always)]
+fn tracked(key: &FlowKey) -> Option<(ServiceValue, Backend)> {
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    };
+    let svc = *unsafe { SERVICES.get(&skey) }?;
+    let f = unsafe { CONNTRACK.get(key) }?;
+    let b = *BACKENDS.get(f.backend)?;
+    (b.flags & BACKEND_ACTIVE != 0).then_some((svc, b))
+}
+
+#[inline(always)]
+fn fib_params(ctx: &XdpContext, family: u8, proto: u8, ip_len: u16) -> Fib {
+    Fib {
+        family: if family == FAMILY_V6 {
+            AF_INET6
+        } else {
+            AF_INET
+        },
+        l4_protocol: proto,
+        sport: 0,
+        dport: 0,
+        tot_len: ip_len,
+        ifindex: ctx.ingress_ifindex() as u32,
+        flowinfo: 0,
+        src: [0; 4],
+        dst: [0; 4],
+        vlan: 0,
+        smac: [0; 6],
+        dmac: [0; 6],
+    }
+}
+
+/// Asks the kernel's FIB (routes + neighbours) for the next hop.
+#[inline(always)]
+fn lookup(ctx: &XdpContext, fib: &mut Fib) -> bool {
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            fib as *mut Fib as *mut _,
+            size_of::<Fib>() as i32,
+            0,
+        )
+    };
+    rc == 0
+}
+
+/// Sets the MACs the FIB gave and sends the frame on its way.
+#[inline(always)]
+fn forward(ctx: &XdpContext, fib: &Fib) -> u32 {
+    let Some(eth) = at::<[u8; 12]>(ctx, 0) else {
+        return counter::PASS_TRUNC_ETH;
+    };
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    wr(eth, macs);
+    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+        return counter::TX;
+    }
+    if TX_PORTS.redirect(fib.ifindex, 0).is_ok() {
+        return counter::REDIRECT;
+    }
+    // Not in the devmap: the slower generic redirect still delivers it.
+    if unsafe { bpf_redirect(fib.ifindex, 0) } == xdp_action::XDP_REDIRECT as i64 {
+        counter::REDIRECT
+    } else {
+        counter::DROP_REDIRECT
+    }
+}
+
+#[inline(always)]
+fn account(map: &PerCpuArray<Counters>, id: u32, len: u64, new_flow: bool) {
+    if let Some(c) = map.get_ptr_mut(id) {
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+            (*c).new_flows += new_flow as u64;
+        }
+    }
+}
+
+/// RFC 1624 incremental checksum update: the sum of `~old + new` over the
+/// 16-bit words that changed. Words are read in memory order; one's
+/// complement sums do not care about byte order as long as all agree.
+#[derive(Clone, Copy)]
+struct Delta(u32);
+
+impl Delta {
+    #[inline(always)]
+    fn w16(&mut self, old: u16, new: u16) {
+        self.0 += (!old) as u32 + new as u32;
+    }
+
+    #[inline(always)]
+    fn w32(&mut self, old: u32, new: u32) {
+        self.w16(old as u16, new as u16);
+        self.w16((old >> 16) as u16, (new >> 16) as u16);
+    }
+
+    #[inline(always)]
+    fn apply(&self, csum: u16) -> u16 {
+        !fold((!csum) as u32 + fold(self.0) as u32)
+    }
+}
+
+#[inline(always)]
+fn fold(mut s: u32) -> u16 {
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,437 @@
+//! Loads the XDP program and owns its maps: services, backends, tables,
+//! configuration and counters. Everything the data path decides is decided
+//! here, as map contents.
+
+use std::{collections::HashMap as StdHashMap, time::Duration};
+
+use aya::{
+    maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
+    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    counter, maps, programs, Backend, Config, Counters, Flow, FlowKey, RevNat, ServiceKey,
+    ServiceValue, CONFIG_NAT_REPLIES, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_NS, MODE_NAT,
+};
+use thiserror::Error;
+
+use crate::tables::{TableError, TableMem};
+
+/// The XDP object built by `cargo xtask build-ebpf`, embedded at build time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// Sizes and knobs fixed when the program is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Connection-table (and reverse-NAT table) size in flows.
+    pub conntrack_size: u32,
+    /// Services the table map has room for.
+    pub max_services: u32,
+    /// Backend slots.
+    pub max_backends: u32,
+    /// Largest table size M any service may use; each service gets two buffers of it.
+    pub max_table_size: u32,
+    /// Idle time after which a UDP flow is re-selected.
+    pub udp_idle_timeout: Duration,
+    /// In-kernel log level (0 off … 5 trace); per-packet logs are debug (4).
+    pub log_level: u8,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            conntrack_size: DEFAULT_CONNTRACK_SIZE,
+            max_services: DEFAULT_MAX_SERVICES,
+            max_backends: DEFAULT_MAX_BACKENDS,
+            max_table_size: DEFAULT_TABLE_SIZE,
+            udp_idle_timeout: Duration::from_nanos(DEFAULT_UDP_IDLE_TIMEOUT_NS),
+            log_level: 0,
+        }
+    }
+}
+
+/// What went wrong talking to the kernel.
+#[derive(Debug, Error)]
+pub enum BalancerError {
+    /// Loading the object (maps, relocations) failed.
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    /// A program failed to load (verifier) or attach.
+    #[error("program {name}: {source}")]
+    Program {
+        /// Program name.
+        name: &'static str,
+        /// The error, with the verifier log for load failures.
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// Map name.
+        name: &'static str,
+        /// The error.
+        source: MapError,
+    },
+    /// A map is missing from the object (object and userspace disagree).
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    /// The table memory could not be used.
+    #[error(transparent)]
+    Table(#[from] TableError),
+    /// An argument is out of the range the maps were sized for.
+    #[error("{what} {value} is out of range (limit {limit})")]
+    OutOfRange {
+        /// What was out of range.
+        what: &'static str,
+        /// The value given.
+        value: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BalancerError {
+    move |source| BalancerError::Map { name, source }
+}
+
+/// Result of running one frame through the program (BPF_PROG_TEST_RUN).
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// XDP action (`XDP_PASS` = 2, …).
+    pub action: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Kernel-measured run time.
+    pub duration: Duration,
+}
+
+/// The loaded balancer: its programs and typed handles on its maps.
+pub struct Balancer {
+    ebpf: Ebpf,
+    opts: LoadOptions,
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, Backend>,
+    conntrack: HashMap<MapData, FlowKey, Flow>,
+    nat_rev: HashMap<MapData, FlowKey, RevNat>,
+    config_map: Array<MapData, Config>,
+    global: PerCpuArray<MapData, u64>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    tx_ports: DevMapHash<MapData>,
+    tables: TableMem,
+    _tables_map: MapData,
+    config: Config,
+    published: StdHashMap<ServiceKey, ServiceValue>,
+}
+
+impl Balancer {
+    /// Creates the maps at the sizes in `opts` and loads both programs.
+    pub fn load(opts: &LoadOptions) -> Result<Self, BalancerError> {
+        let table_entries = u64::from(opts.max_services) * 2 * u64::from(opts.max_table_size);
+        let table_entries =
+            u32::try_from(table_entries).map_err(|_| BalancerError::OutOfRange {
+                what: "max_services * 2 * max_table_size",
+                value: table_entries,
+                limit: u64::from(u32::MAX),
+            })?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::CONNTRACK, opts.conntrack_size)
+            .map_max_entries(maps::NAT_REV, opts.conntrack_size)
+            .map_max_entries(maps::SERVICES, opts.max_services)
+            .map_max_entries(maps::SERVICE_STATS, opts.max_services)
+            .map_max_entries(maps::BACKENDS, opts.max_backends)
+            .map_max_entries(maps::BACKEND_STATS, opts.max_backends)
+            // Slots are stored in pairs (see lb-ebpf); max_table_size is
+            // odd or even, 2 * it is even.
+            .map_max_entries(maps::TABLES, table_entries / 2)
+            .override_global(aya_log::LEVEL, &opts.log_level, false)
+            .load(OBJECT)?;
+        for name in [programs::BALANCER, programs::PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(BalancerError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| BalancerError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| BalancerError::Program { name, source })?;
+        }
+
+        let mut take =
+            |name: &'static str| ebpf.take_map(name).ok_or(BalancerError::MissingMap(name));
+        let aya::maps::Map::Array(tables_map) = take(maps::TABLES)? else {
+            return Err(BalancerError::MissingMap(maps::TABLES));
+        };
+        let services = HashMap::try_from(take(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?;
+        let backends = Array::try_from(take(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?;
+        let conntrack =
+            HashMap::try_from(take(maps::CONNTRACK)?).map_err(map_err(maps::CONNTRACK))?;
+        let nat_rev = HashMap::try_from(take(maps::NAT_REV)?).map_err(map_err(maps::NAT_REV))?;
+        let config_map = Array::try_from(take(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?;
+        let global = PerCpuArray::try_from(take(maps::GLOBAL_STATS)?)
+            .map_err(map_err(maps::GLOBAL_STATS))?;
+        let service_stats = PerCpuArray::try_from(take(maps::SERVICE_STATS)?)
+            .map_err(map_err(maps::SERVICE_STATS))?;
+        let backend_stats = PerCpuArray::try_from(take(maps::BACKEND_STATS)?)
+            .map_err(map_err(maps::BACKEND_STATS))?;
+        let tx_ports =
+            DevMapHash::try_from(take(maps::TX_PORTS)?).map_err(map_err(maps::TX_PORTS))?;
+        let tables = TableMem::map(tables_map.fd(), table_entries)?;
+
+        let mut lb = Self {
+            ebpf,
+            opts: opts.clone(),
+            services,
+            backends,
+            conntrack,
+            nat_rev,
+            config_map,
+            global,
+            service_stats,
+            backend_stats,
+            tx_ports,
+            tables,
+            _tables_map: tables_map,
+            config: Config {
+                udp_idle_timeout_ns: opts.udp_idle_timeout.as_nanos() as u64,
+                ..Config::default()
+            },
+            published: StdHashMap::new(),
+        };
+        lb.write_config()?;
+        Ok(lb)
+    }
+
+    /// The options the program was loaded with.
+    pub fn options(&self) -> &LoadOptions {
+        &self.opts
+    }
+
+    /// The balancer program (attach it, or test-run it).
+    pub fn program(&mut self) -> &mut Xdp {
+        self.xdp(programs::BALANCER)
+    }
+
+    /// The `XDP_PASS` program (for veth peers, and the benchmark floor).
+    pub fn pass_program(&mut self) -> &mut Xdp {
+        self.xdp(programs::PASS)
+    }
+
+    fn xdp(&mut self, name: &str) -> &mut Xdp {
+        // Both programs were found and converted in `load`.
+        match self.ebpf.program_mut(name).map(<&mut Xdp>::try_from) {
+            Some(Ok(p)) => p,
+            _ => unreachable!("program {name} was checked at load"),
+        }
+    }
+
+    fn write_config(&mut self) -> Result<(), BalancerError> {
+        self.config_map
+            .set(0, self.config, 0)
+            .map_err(map_err(maps::CONFIG))
+    }
+
+    /// Changes the UDP idle timeout at runtime.
+    pub fn set_udp_idle_timeout(&mut self, t: Duration) -> Result<(), BalancerError> {
+        self.config.udp_idle_timeout_ns = t.as_nanos() as u64;
+        self.write_config()
+    }
+
+    /// Allows XDP_REDIRECT (through the devmap) to this interface.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<(), BalancerError> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .map_err(|e| match e {
+                aya::maps::xdp::XdpMapError::MapError(source) => BalancerError::Map {
+                    name: maps::TX_PORTS,
+                    source,
+                },
+                other => BalancerError::Map {
+                    name: maps::TX_PORTS,
+                    source: MapError::from(std::io::Error::other(other.to_string())),
+                },
+            })
+    }
+
+    /// Writes backend slot `id`.
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), BalancerError> {
+        self.check("backend id", id, self.opts.max_backends)?;
+        self.backends
+            .set(id, backend, 0)
+            .map_err(map_err(maps::BACKENDS))
+    }
+
+    /// Reads backend slot `id`.
+    pub fn backend(&self, id: u32) -> Result<Backend, BalancerError> {
+        self.backends.get(&id, 0).map_err(map_err(maps::BACKENDS))
+    }
+
+    fn check(&self, what: &'static str, value: u32, limit: u32) -> Result<(), BalancerError> {
+        if value >= limit {
+            return Err(BalancerError::OutOfRange {
+                what,
+                value: value.into(),
+                limit: limit.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Publishes a new table for a service: `fill` writes the inactive buffer
+    /// in place, then one map update flips the service to it. The program
+    /// sees the old table or the new one, never a mix.
+    pub fn publish_with(
+        &mut self,
+        key: ServiceKey,
+        id: u32,
+        mode: u8,
+        table_size: u32,
+        fill: impl FnOnce(&mut [u32]),
+    ) -> Result<ServiceValue, BalancerError> {
+        self.check("service id", id, self.opts.max_services)?;
+        if table_size > self.opts.max_table_size {
+            return Err(BalancerError::OutOfRange {
+                what: "table size",
+                value: table_size.into(),
+                limit: self.opts.max_table_size.into(),
+            });
+        }
+        let first = id * 2 * self.opts.max_table_size;
+        let second = first + self.opts.max_table_size;
+        let base = match self.published.get(&key) {
+            Some(v) if v.id == id && v.table_base == first => second,
+            _ => first,
+        };
+        fill(self.tables.region_mut(base, table_size as usize)?);
+        let value = ServiceValue {
+            id,
+            table_base: base,
+            table_size,
+            mode,
+            flags: 0,
+            _pad: [0; 2],
+        };
+        self.services
+            .insert(key, value, 0)
+            .map_err(map_err(maps::SERVICES))?;
+        self.published.insert(key, value);
+        self.update_nat_flag()?;
+        Ok(value)
+    }
+
+    /// Publishes a ready-made table (see [`Self::publish_with`]).
+    pub fn publish(
+        &mut self,
+        key: ServiceKey,
+        id: u32,
+        mode: u8,
+        table: &[u32],
+    ) -> Result<ServiceValue, BalancerError> {
+        let m = u32::try_from(table.len()).unwrap_or(u32::MAX);
+        self.publish_with(key, id, mode, m, |buf| buf.copy_from_slice(table))
+    }
+
+    /// The active table of a published service.
+    pub fn active_table(&self, key: &ServiceKey) -> Option<&[u32]> {
+        let v = self.published.get(key)?;
+        self.tables.region(v.table_base, v.table_size as usize).ok()
+    }
+
+    /// Removes a service: its VIP is no longer balanced.
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), BalancerError> {
+        self.services.remove(key).map_err(map_err(maps::SERVICES))?;
+        self.published.remove(key);
+        self.update_nat_flag()
+    }
+
+    fn update_nat_flag(&mut self) -> Result<(), BalancerError> {
+        let nat = self.published.values().any(|v| v.mode == MODE_NAT);
+        let flags = if nat {
+            self.config.flags | CONFIG_NAT_REPLIES
+        } else {
+            self.config.flags & !CONFIG_NAT_REPLIES
+        };
+        if flags != self.config.flags {
+            self.config.flags = flags;
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// The connection table.
+    pub fn conntrack(&mut self) -> &mut HashMap<MapData, FlowKey, Flow> {
+        &mut self.conntrack
+    }
+
+    /// The reverse-NAT table.
+    pub fn nat_rev(&mut self) -> &mut HashMap<MapData, FlowKey, RevNat> {
+        &mut self.nat_rev
+    }
+
+    /// Global counters summed over CPUs, indexed by [`lb_common::counter`].
+    pub fn global_counters(&self) -> Result<[u64; counter::COUNT as usize], BalancerError> {
+        let mut out = [0u64; counter::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .global
+                .get(&(i as u32), 0)
+                .map_err(map_err(maps::GLOBAL_STATS))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// A service's counters summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<Counters, BalancerError> {
+        sum(&self.service_stats, id).map_err(map_err(maps::SERVICE_STATS))
+    }
+
+    /// A backend's counters summed over CPUs.
+    pub fn backend_counters(&self, id: u32) -> Result<Counters, BalancerError> {
+        sum(&self.backend_stats, id).map_err(map_err(maps::BACKEND_STATS))
+    }
+
+    /// Runs one frame through the balancer (BPF_PROG_TEST_RUN), as if it
+    /// arrived on `ingress_ifindex` of the calling thread's network namespace
+    /// (0: the namespace's loopback).
+    pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<RunResult, BalancerError> {
+        run_xdp(self.program(), programs::BALANCER, frame, ingress_ifindex)
+    }
+}
+
+/// Runs `frame` through an XDP program once; see [`Balancer::run`].
+pub fn run_xdp(
+    prog: &Xdp,
+    name: &'static str,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> Result<RunResult, BalancerError> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+    let md: [u32; 6] = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+    let md_bytes: Vec<u8> = md.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    if ingress_ifindex != 0 {
+        opts.ctx_in = Some(&md_bytes);
+    }
+    let r = prog
+        .test_run(opts)
+        .map_err(|source| BalancerError::Program { name, source })?;
+    out.truncate(r.data_size_out as usize);
+    Ok(RunResult {
+        action: r.return_value,
+        frame: out,
+        duration: r.duration,
+    })
+}
+
+fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters, MapError> {
+    let per_cpu = map.get(&id, 0)?;
+    Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+        new_flows: a.new_flows + c.new_flows,
+    }))
+}
