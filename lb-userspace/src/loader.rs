@@ -79,6 +79,9 @@ pub enum BalancerError {
     /// The table memory could not be used.
     #[error(transparent)]
     Table(#[from] TableError),
+    /// The in-kernel log could not be set up.
+    #[error("setting up the XDP program's log: {0}")]
+    Log(String),
     /// An argument is out of the range the maps were sized for.
     #[error("{what} {value} is out of range (limit {limit})")]
     OutOfRange {
@@ -123,6 +126,7 @@ pub struct Balancer {
     _tables_map: MapData,
     config: Config,
     published: StdHashMap<ServiceKey, ServiceValue>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Balancer {
@@ -147,6 +151,16 @@ impl Balancer {
             .map_max_entries(maps::TABLES, table_entries / 2)
             .override_global(aya_log::LEVEL, &opts.log_level, false)
             .load(OBJECT)?;
+        // Records only flow when a level is set; the ring buffer must be
+        // taken before the programs load (they reference its fd).
+        let logger = if opts.log_level > 0 {
+            Some(
+                aya_log::EbpfLogger::init(&mut ebpf)
+                    .map_err(|e| BalancerError::Log(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         for name in [programs::BALANCER, programs::PASS] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
@@ -197,9 +211,24 @@ impl Balancer {
                 ..Config::default()
             },
             published: StdHashMap::new(),
+            logger,
         };
         lb.write_config()?;
         Ok(lb)
+    }
+
+    /// Forwards the program's pending log records to the `log` facade
+    /// (nothing when loaded with `log_level` 0). Poll [`Self::log_fd`].
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = &mut self.logger {
+            l.flush();
+        }
+    }
+
+    /// The log ring buffer's fd, readable when records are pending.
+    pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.logger.as_ref().map(|l| l.as_fd())
     }
 
     /// The options the program was loaded with.
