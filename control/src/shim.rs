@@ -1,0 +1,433 @@
+//! `headroom shim`: a reverse proxy in front of one service instance. Every
+//! request is authenticated (SigV4) and authorised (grant: service, method,
+//! path prefix) against the local key cache — zero Redis calls per request —
+//! then forwarded with the caller's principal in a header the shim sets.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::gate::{json_error, json_response, Body, Gate};
+use crate::keysync::{KeySync, KeySyncConfig};
+use crate::load_report::{LoadReporter, ReportConfig};
+use crate::sigv4::VerifyPolicy;
+use crate::{keystore, scoreboard};
+
+pub const DEFAULT_PRINCIPAL_HEADER: &str = "x-headroom-principal";
+/// Reserved path answering readiness (200 ready / 503 not ready).
+pub const READY_PATH: &str = "/_headroom/ready";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ShimArgs {
+    /// Service name (also the SigV4 credential-scope service).
+    #[arg(long)]
+    pub service: String,
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// The instance behind this shim (`ip:port`).
+    #[arg(long)]
+    pub upstream: SocketAddr,
+    /// Permission DB / scoreboard.
+    #[arg(long, env = "HEADROOM_REDIS", default_value = "redis://127.0.0.1:6379")]
+    pub redis: String,
+    /// SigV4 region accepted in the credential scope.
+    #[arg(long, default_value = "headroom")]
+    pub region: String,
+    /// Accepted clock skew of x-amz-date, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub max_skew_secs: i64,
+    /// Largest request body accepted, bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// File for the last good key snapshot (default:
+    /// /var/lib/headroom/keys-SERVICE-INSTANCE.json).
+    #[arg(long)]
+    pub snapshot: Option<PathBuf>,
+    /// Instance id in the scoreboard (default: the advertised address).
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Address the balancer should send traffic to (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Node name appended to the scoreboard address as `;node=NAME`.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Header carrying the authenticated principal upstream.
+    #[arg(long, default_value = DEFAULT_PRINCIPAL_HEADER)]
+    pub principal_header: String,
+    /// Load-receiver base URL (e.g. http://127.0.0.1:7070); no reports if unset.
+    #[arg(long)]
+    pub load_receiver: Option<String>,
+    /// Report interval, milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub report_interval_ms: u64,
+    /// In-flight requests that mean 100 % load.
+    #[arg(long, default_value_t = 100)]
+    pub capacity: u32,
+    /// Local endpoint of the service returning its own load (0–100) as a
+    /// plain number or {"load": N}; replaces the in-flight measure.
+    #[arg(long)]
+    pub load_url: Option<String>,
+    /// Access key id used to sign load reports.
+    #[arg(long, env = "HEADROOM_REPORT_KEY_ID")]
+    pub report_key_id: Option<String>,
+    /// Secret used to sign load reports.
+    #[arg(long, env = "HEADROOM_REPORT_SECRET", hide_env_values = true)]
+    pub report_secret: Option<String>,
+    /// Key-sync XREAD block time, milliseconds.
+    #[arg(long, default_value_t = 2000, hide = true)]
+    pub sync_block_ms: u64,
+}
+
+impl ShimArgs {
+    /// Minimal arguments (defaults for everything else), for embedding/tests.
+    pub fn new(service: &str, listen: SocketAddr, upstream: SocketAddr, redis: &str) -> Self {
+        ShimArgs {
+            service: service.into(),
+            listen,
+            upstream,
+            redis: redis.into(),
+            region: "headroom".into(),
+            max_skew_secs: 300,
+            max_body_bytes: 1 << 20,
+            snapshot: None,
+            instance: None,
+            advertise: None,
+            node: None,
+            principal_header: DEFAULT_PRINCIPAL_HEADER.into(),
+            load_receiver: None,
+            report_interval_ms: 1000,
+            capacity: 100,
+            load_url: None,
+            report_key_id: None,
+            report_secret: None,
+            sync_block_ms: 2000,
+        }
+    }
+}
+
+struct Ctx {
+    gate: Gate,
+    upstream: SocketAddr,
+    principal_header: hyper::header::HeaderName,
+    client: Client<HttpConnector, Full<Bytes>>,
+    in_flight: Arc<AtomicI64>,
+}
+
+/// A running shim.
+pub struct ShimHandle {
+    pub local_addr: SocketAddr,
+    pub instance: String,
+    pub keysync: KeySync,
+    pub in_flight: Arc<AtomicI64>,
+    service: String,
+    redis: String,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    reporter: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ShimHandle {
+    pub fn state(&self) -> &Arc<crate::authz::AuthState> {
+        &self.keysync.state
+    }
+
+    /// Stop accepting, unregister the instance (best effort, bounded), stop
+    /// the background tasks.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.server.abort();
+        for t in &self.background {
+            t.abort();
+        }
+        if let Some(r) = self.reporter {
+            // finishes a report in flight (bounded by its 5 s timeout)
+            let _ = tokio::time::timeout(Duration::from_secs(6), r).await;
+        }
+        let unreg = async {
+            let mut c = keystore::connect(&self.redis, Duration::from_secs(2)).await?;
+            scoreboard::unregister(&mut c, &self.service, &self.instance).await?;
+            keystore::unregister_instance(&mut c, &self.service, &self.instance)
+                .await
+                .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+            Ok::<_, redis::RedisError>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(3), unreg).await {
+            Ok(Ok(())) => info!(instance = %self.instance, "unregistered"),
+            _ => warn!(instance = %self.instance, "could not unregister"),
+        }
+        self.keysync.stop().await;
+    }
+}
+
+/// Start a shim: bind, sync keys, register, serve. Returns once listening.
+pub async fn start_shim(args: ShimArgs) -> anyhow::Result<ShimHandle> {
+    let listener = TcpListener::bind(args.listen).await?;
+    let local_addr = listener.local_addr()?;
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local_addr.to_string());
+    let instance = args.instance.clone().unwrap_or_else(|| advertise.clone());
+    if !scoreboard::valid_service(&args.service) {
+        anyhow::bail!("invalid service name {:?}", args.service);
+    }
+    if !scoreboard::valid_instance(&instance) {
+        anyhow::bail!("invalid instance id {instance:?}");
+    }
+    let snapshot = args.snapshot.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "/var/lib/headroom/keys-{}-{}.json",
+            args.service,
+            instance.replace([':', '[', ']'], "_")
+        ))
+    });
+    let mut kcfg = KeySyncConfig::new(&args.redis, &args.service);
+    kcfg.snapshot_path = Some(snapshot);
+    kcfg.block = Duration::from_millis(args.sync_block_ms.max(10));
+    let keysync = KeySync::start(kcfg).await;
+    let policy = VerifyPolicy {
+        service: args.service.clone(),
+        region: args.region.clone(),
+        max_skew_secs: args.max_skew_secs,
+    };
+    let in_flight = Arc::new(AtomicI64::new(0));
+    let ctx = Arc::new(Ctx {
+        gate: Gate::new(keysync.state.clone(), policy, args.max_body_bytes),
+        upstream: args.upstream,
+        principal_header: hyper::header::HeaderName::from_bytes(args.principal_header.as_bytes())?,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        in_flight: in_flight.clone(),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let span = info_span!("shim", service = %args.service, instance = %instance);
+    let server = tokio::spawn(serve(listener, ctx, stop_rx.clone()).instrument(span.clone()));
+
+    let mut background = Vec::new();
+    let mut reporter = None;
+    // Registration: retried in the background until Redis answers.
+    let addr_value = match &args.node {
+        Some(n) => format!("{advertise};node={n}"),
+        None => advertise.clone(),
+    };
+    background.push(tokio::spawn(
+        register_loop(
+            args.redis.clone(),
+            args.service.clone(),
+            instance.clone(),
+            addr_value,
+        )
+        .instrument(span.clone()),
+    ));
+    if let Some(url) = &args.load_receiver {
+        match (&args.report_key_id, &args.report_secret) {
+            (Some(k), Some(s)) => {
+                let rep = LoadReporter::new(ReportConfig {
+                    receiver_url: url.clone(),
+                    service: args.service.clone(),
+                    instance: instance.clone(),
+                    interval: Duration::from_millis(args.report_interval_ms.max(10)),
+                    capacity: args.capacity.max(1),
+                    load_url: args.load_url.clone(),
+                    access_key_id: k.clone(),
+                    secret: s.clone(),
+                    region: args.region.clone(),
+                })?;
+                reporter = Some(tokio::spawn(
+                    rep.run(in_flight.clone(), stop_rx.clone())
+                        .instrument(span.clone()),
+                ));
+            }
+            _ => anyhow::bail!("--load-receiver needs --report-key-id and --report-secret"),
+        }
+    }
+    span.in_scope(|| info!(%local_addr, upstream = %args.upstream, "shim listening"));
+    Ok(ShimHandle {
+        local_addr,
+        instance,
+        keysync,
+        in_flight,
+        service: args.service,
+        redis: args.redis,
+        stop,
+        server,
+        background,
+        reporter,
+    })
+}
+
+/// `headroom shim …`: run until SIGINT/SIGTERM, then unregister.
+pub async fn run_shim(args: ShimArgs) -> anyhow::Result<()> {
+    let h = start_shim(args).await?;
+    crate::wait_for_shutdown_signal().await;
+    h.shutdown().await;
+    Ok(())
+}
+
+async fn register_loop(redis: String, service: String, instance: String, addr: String) {
+    let info =
+        serde_json::json!({ "addr": addr, "started_ms": crate::sigv4::unix_now_ms() }).to_string();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let r = async {
+            let mut c = keystore::connect(&redis, Duration::from_secs(2)).await?;
+            scoreboard::register(&mut c, &service, &instance, &addr).await?;
+            keystore::register_instance(&mut c, &service, &instance, &info)
+                .await
+                .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
+            Ok::<_, redis::RedisError>(())
+        }
+        .await;
+        match r {
+            Ok(()) => {
+                info!("registered");
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "registration failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+pub(crate) async fn serve_with<F, Fut>(
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    handler: F,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            acc = listener.accept() => {
+                let (stream, _) = match acc {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let h = handler.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let h = h.clone();
+                        async move { Ok::<_, Infallible>(h(req).await) }
+                    });
+                    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
+                        debug!(error = %e, "connection ended with error");
+                    }
+                });
+            }
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
+    serve_with(listener, stop, move |req| {
+        let ctx = ctx.clone();
+        async move { handle(ctx, req).await }
+    })
+    .await
+}
+
+struct InFlight(Arc<AtomicI64>);
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+    if req.uri().path() == READY_PATH {
+        let ready = ctx.gate.state.is_ready();
+        return json_response(
+            if ready { 200 } else { 503 },
+            &serde_json::json!({ "ready": ready }),
+        );
+    }
+    ctx.in_flight.fetch_add(1, Ordering::Relaxed);
+    let _guard = InFlight(ctx.in_flight.clone());
+    let admitted = match ctx.gate.admit(req).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    if let Err(r) = ctx.gate.state.authorise(
+        &admitted.principal,
+        admitted.parts.method.as_str(),
+        &admitted.path,
+    ) {
+        return crate::gate::reject(&r);
+    }
+    let mut parts = admitted.parts;
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let uri = match format!("http://{}{}", ctx.upstream, pq).parse::<hyper::Uri>() {
+        Ok(u) => u,
+        Err(_) => return json_error(400, "bad_uri"),
+    };
+    parts.uri = uri;
+    parts.version = hyper::Version::HTTP_11;
+    for h in HOP_BY_HOP {
+        parts.headers.remove(*h);
+    }
+    // Strip anything the caller claims, then set what we verified.
+    parts.headers.remove(&ctx.principal_header);
+    match hyper::header::HeaderValue::from_str(&admitted.principal) {
+        Ok(v) => {
+            parts.headers.insert(ctx.principal_header.clone(), v);
+        }
+        Err(_) => return json_error(500, "bad_principal"),
+    }
+    let up = Request::from_parts(parts, Full::new(admitted.body));
+    match ctx.client.request(up).await {
+        Ok(resp) => {
+            let (mut p, b) = resp.into_parts();
+            for h in HOP_BY_HOP {
+                p.headers.remove(*h);
+            }
+            Response::from_parts(p, b.boxed())
+        }
+        Err(e) => {
+            warn!(error = %e, "upstream request failed");
+            json_error(502, "upstream_unavailable")
+        }
+    }
+}
