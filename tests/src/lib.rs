@@ -1,1 +1,70 @@
-//! Test harness: network namespaces, veths, redis-server.
+//! Test harness of Headroom's integration tests and demo: network
+//! namespaces, veth pairs, child processes that die with the test, and a
+//! throwaway redis-server.
+//!
+//! Convention: a test that needs root is named `root_*` and starts with
+//! `if !require_root("root_name") { return; }`. `cargo xtask test` skips
+//! those when not root (and fails in CI when not root).
+pub mod cmd;
+pub mod fixture_env;
+pub mod netns;
+pub mod packets;
+pub mod process;
+pub mod redis;
+pub mod topology;
+
+use std::net::{Ipv4Addr, TcpListener};
+
+use anyhow::{Context, Result};
+
+pub use cmd::run_cmd;
+pub use netns::{veth_pair, EnteredNetns, Netns};
+pub use process::ChildGuard;
+pub use redis::RedisServer;
+
+/// True when running with effective uid 0.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Gate of a root-only test: true if root. Otherwise prints
+/// `skipping NAME: needs root` and returns false, except in CI (`CI=true`),
+/// where a skipped root test would hide a failure: there it panics.
+pub fn require_root(test_name: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("root-only test {test_name} must run in CI, and CI is not root");
+    }
+    eprintln!("skipping {test_name}: needs root");
+    false
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked
+/// it). Another process may take it before the caller binds it; callers
+/// that start servers retry.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding 127.0.0.1:0 for a free port")?;
+    Ok(listener.local_addr().context("local_addr")?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_port_is_bindable() {
+        let port = free_port().expect("free port");
+        assert_ne!(port, 0);
+        TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("port is free");
+    }
+
+    #[test]
+    fn gate_agrees_with_euid() {
+        // Outside CI it returns instead of panicking; in CI it passes only as root.
+        assert_eq!(require_root("gate_agrees_with_euid"), is_root());
+    }
+}
