@@ -3,7 +3,10 @@
 //! Tests that need root are named `root_*`. As root, everything runs. Not
 //! root outside CI, they are skipped and listed. Not root in CI (`CI=true`)
 //! is an error: CI must run them.
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+};
 
 use anyhow::{bail, Context, Result};
 
@@ -66,13 +69,72 @@ pub fn run(apt: &mut Apt, args: &Args) -> Result<()> {
     let mut cmd = cargo_test(args);
     cmd.arg("--").args(&test_args);
     sh::step(sh::display(&cmd));
-    sh::run(&mut cmd).context("tests failed")
+    run_counting(&mut cmd)
+}
+
+/// Runs the test command, passing its output through, and ends with one
+/// line totalling every binary's `test result:` (cargo's own last line is
+/// the doc tests', often "0 passed", which says nothing of the run).
+fn run_counting(cmd: &mut Command) -> Result<()> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", sh::display(cmd)))?;
+    let mut total = Totals::default();
+    if let Some(out) = child.stdout.take() {
+        let mut stdout = std::io::stdout().lock();
+        for line in BufReader::new(out).lines() {
+            let line = line.context("reading the test output")?;
+            total.add(&line);
+            writeln!(stdout, "{line}").context("writing the test output")?;
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    println!(
+        "summary: {} passed, {} failed, {} skipped",
+        total.passed, total.failed, total.ignored
+    );
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
+/// Sums of libtest's `test result:` lines.
+#[derive(Debug, Default, PartialEq)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    /// Adds a `test result: ok. 3 passed; 0 failed; 1 ignored; ...` line.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 /// `cargo test --release` on the chosen packages.
 fn cargo_test(args: &Args) -> Command {
     let mut cmd = sys::cargo();
-    cmd.args(["test", "--release"]);
+    // --no-fail-fast: one failing binary must not hide the others' results.
+    cmd.args(["test", "--release", "--no-fail-fast"]);
     if args.packages.is_empty() {
         cmd.arg("--workspace");
     }
@@ -139,6 +201,27 @@ bench_root_x: benchmark
                 "root_mod::not_named_root_x",
                 "root_top_level"
             ]
+        );
+    }
+
+    #[test]
+    fn totals_sum_result_lines() {
+        let mut t = Totals::default();
+        for l in [
+            "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.04s",
+            "running 3 tests",
+            "test result: FAILED. 2 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out",
+            "test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out",
+        ] {
+            t.add(l);
+        }
+        assert_eq!(
+            t,
+            Totals {
+                passed: 14,
+                failed: 1,
+                ignored: 1
+            }
         );
     }
 
