@@ -27,10 +27,6 @@ pub const BACKEND_ACTIVE: u8 = 1;
 /// Backend flag: no new flows (absent from tables), existing flows continue.
 pub const BACKEND_DRAINING: u8 = 2;
 
-/// `Config::flags`: at least one service is in nat mode, so replies from
-/// backends must be looked up in the reverse-NAT table.
-pub const CONFIG_NAT_REPLIES: u32 = 1;
-
 /// Table entry meaning "no backend": a service whose table holds it drops new flows.
 pub const NO_BACKEND: u32 = u32::MAX;
 
@@ -68,6 +64,11 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
     /// `DevMapHash` keyed by ifindex: interfaces XDP_REDIRECT may send to.
     pub const TX_PORTS: &str = "TX_PORTS";
+    /// `PerCpuArray<NextHop>` indexed by backend id: the FIB's answer, cached.
+    pub const NEXTHOPS: &str = "NEXTHOPS";
+    /// `Array<[u64; 1024]>` with one entry: a bitmap of backend source ports;
+    /// only packets from those ports are looked up as nat replies.
+    pub const NAT_PORTS: &str = "NAT_PORTS";
 }
 
 /// Names of the programs in the object.
@@ -245,6 +246,28 @@ pub struct Backend {
     pub flags: u8,
 }
 
+/// A next hop as `bpf_fib_lookup` gave it, cached so that most packets skip
+/// the lookup. Valid while `epoch` equals `Config::epoch` (userspace bumps it
+/// when routes, neighbours or backends change) and for packets no longer
+/// than `max_len`, the longest one the FIB has accepted for it (so the FIB's
+/// MTU check still sees every longer packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// `Config::epoch` this was looked up in; 0 = never.
+    pub epoch: u32,
+    /// Longest IP packet (bytes) the FIB accepted for this hop.
+    pub max_len: u16,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Egress interface's MAC.
+    pub smac: [u8; 6],
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+
 /// Reverse-NAT value: what a reply from a backend is rewritten to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -257,6 +280,8 @@ pub struct RevNat {
     pub _pad: [u8; 2],
     /// Service id.
     pub service: u32,
+    /// Next hop towards the client, cached by the program.
+    pub hop: NextHop,
 }
 
 /// Runtime configuration (one-entry array).
@@ -265,10 +290,10 @@ pub struct RevNat {
 pub struct Config {
     /// UDP flows idle longer than this are re-selected.
     pub udp_idle_timeout_ns: u64,
-    /// `CONFIG_*` bits.
+    /// Reserved, zero.
     pub flags: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// Next-hop cache generation: cached hops of another epoch are stale.
+    pub epoch: u32,
 }
 
 /// Per-service and per-backend traffic counters (per CPU).
@@ -294,6 +319,7 @@ mod pod {
     unsafe impl aya::Pod for super::RevNat {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
 
 #[inline(always)]

@@ -22,8 +22,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    counter, flow_hash, Backend, Config, Counters, Flow, FlowKey, RevNat, ServiceKey, ServiceValue,
-    BACKEND_ACTIVE, CONFIG_NAT_REPLIES, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
+    counter, flow_hash, Backend, Config, Counters, Flow, FlowKey, NextHop, RevNat, ServiceKey,
+    ServiceValue, BACKEND_ACTIVE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, FAMILY_V4, FAMILY_V6, MODE_NAT, NO_BACKEND,
     PROTO_TCP, PROTO_UDP,
 };
@@ -68,6 +68,15 @@ static BACKEND_STATS: PerCpuArray<Counters> =
 
 #[map(name = "TX_PORTS")]
 static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(64, 0);
+
+// Per CPU: filled by whichever CPU missed, never torn by another.
+#[map(name = "NEXTHOPS")]
+static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MAX_BACKENDS, 0);
+
+// One bit per source port: a reverse-NAT lookup only for packets from a
+// backend port, so host traffic does not pay for it.
+#[map(name = "NAT_PORTS")]
+static NAT_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -346,16 +355,17 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
     };
     let b = *b;
     let nat = svc.mode == MODE_NAT;
-    let dport = if nat { b.port } else { key.dport };
-
-    let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
-    fib.sport = key.sport;
-    fib.dport = dport;
-    fib.src = key.src;
-    fib.dst = b.addr;
-    if !lookup(ctx, &mut fib) {
+    let hop = resolve(ctx, NEXTHOPS.get_ptr_mut(id), pkt.ip_len, || {
+        let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
+        fib.sport = key.sport;
+        fib.dport = if nat { b.port } else { key.dport };
+        fib.src = key.src;
+        fib.dst = b.addr;
+        fib
+    });
+    let Some(hop) = hop else {
         return counter::PASS_FIB;
-    }
+    };
 
     if nat {
         if new_flow {
@@ -373,6 +383,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
                 vport: key.dport,
                 _pad: [0; 2],
                 service: svc.id,
+                hop: NextHop::default(),
             };
             let _ = NAT_REV.insert(&rkey, &rev, 0);
         }
@@ -383,7 +394,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     account(&SERVICE_STATS, svc.id, len, new_flow);
     account(&BACKEND_STATS, id, len, new_flow);
-    forward(ctx, &fib)
+    forward(ctx, &hop)
 }
 
 /// The backend of a new flow: `table[flow_hash % M]` of the active buffer.
@@ -404,30 +415,94 @@ fn select(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
 /// A reply from a nat backend: source back to the VIP, then to the client.
 #[inline(always)]
 fn nat_reply(ctx: &XdpContext, pkt: &Pkt) -> u32 {
-    let nat_on = CONFIG
+    let key = &pkt.key;
+    let port = u16::from_be(key.sport) as usize;
+    let from_backend_port = NAT_PORTS
         .get(0)
-        .is_some_and(|c| c.flags & CONFIG_NAT_REPLIES != 0);
-    if !nat_on {
+        .is_some_and(|bits| bits[port >> 6] & (1u64 << (port & 63)) != 0);
+    if !from_backend_port {
         return counter::PASS_NOT_VIP;
     }
-    let key = &pkt.key;
-    let Some(rev) = (unsafe { NAT_REV.get(key) }) else {
+    let Some(rev) = NAT_REV.get_ptr_mut(key) else {
         return counter::PASS_NOT_VIP;
     };
-    let rev = *rev;
-    let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
-    fib.sport = rev.vport;
-    fib.dport = key.dport;
-    fib.src = rev.vip;
-    fib.dst = key.dst;
-    if !lookup(ctx, &mut fib) {
+    let (vip, vport) = (rd(rev).vip, rd(rev).vport);
+    let cache = unsafe { core::ptr::addr_of_mut!((*rev).hop) };
+    let hop = resolve(ctx, Some(cache), pkt.ip_len, || {
+        let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
+        fib.sport = vport;
+        fib.dport = key.dport;
+        fib.src = vip;
+        fib.dst = key.dst;
+        fib
+    });
+    let Some(hop) = hop else {
         return counter::PASS_FIB;
-    }
-    if !rewrite(ctx, pkt, true, &rev.vip, rev.vport) {
+    };
+    if !rewrite(ctx, pkt, true, &vip, vport) {
         return counter::PASS_TRUNC_L4;
     }
     bump(counter::NAT_REPLY);
-    forward(ctx, &fib)
+    forward(ctx, &hop)
+}
+
+/// Where a frame goes next: egress interface and MACs.
+#[derive(Clone, Copy)]
+struct Hop {
+    ifindex: u32,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+}
+
+/// The next hop: from `cache` while it is of the current epoch and has
+/// carried packets this long, else from the FIB (whose answer refills it).
+#[inline(always)]
+fn resolve(
+    ctx: &XdpContext,
+    cache: Option<*mut NextHop>,
+    len: u16,
+    params: impl FnOnce() -> Fib,
+) -> Option<Hop> {
+    let epoch = CONFIG.get(0).map_or(0, |c| c.epoch);
+    if let Some(c) = cache {
+        let c = rd(c);
+        if c.epoch == epoch && len <= c.max_len {
+            return Some(Hop {
+                ifindex: c.ifindex,
+                dmac: c.dmac,
+                smac: c.smac,
+            });
+        }
+    }
+    let mut fib = params();
+    if !lookup(ctx, &mut fib) {
+        return None;
+    }
+    if let Some(c) = cache {
+        let old = rd(c);
+        // The FIB checked the MTU for this length: shorter packets are safe.
+        let max_len = if old.epoch == epoch && old.ifindex == fib.ifindex && old.max_len > len {
+            old.max_len
+        } else {
+            len
+        };
+        wr(
+            c,
+            NextHop {
+                ifindex: fib.ifindex,
+                epoch,
+                max_len,
+                dmac: fib.dmac,
+                smac: fib.smac,
+                _pad: [0; 2],
+            },
+        );
+    }
+    Some(Hop {
+        ifindex: fib.ifindex,
+        dmac: fib.dmac,
+        smac: fib.smac,
+    })
 }
 
 /// Rewrites the destination (or, for replies, the source) address and port,
@@ -566,7 +641,7 @@ fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         wr(ccsum, cd.apply(rd(ccsum)));
     }
     bump(counter::ICMP_TO_BACKEND);
-    forward(ctx, &fib)
+    forward(ctx, &fib.hop())
 }
 
 /// ICMPv6 packet-too-big quoting a balanced flow: to that flow's backend.
@@ -641,7 +716,7 @@ fn icmp6(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         wr(ccsum, d.apply(rd(ccsum)));
     }
     bump(counter::ICMP_TO_BACKEND);
-    forward(ctx, &fib)
+    forward(ctx, &fib.hop())
 }
 
 /// The service and live backend of a tracked flow, for ICMP errors (no
@@ -682,6 +757,17 @@ fn fib_params(ctx: &XdpContext, family: u8, proto: u8, ip_len: u16) -> Fib {
     }
 }
 
+impl Fib {
+    #[inline(always)]
+    fn hop(&self) -> Hop {
+        Hop {
+            ifindex: self.ifindex,
+            dmac: self.dmac,
+            smac: self.smac,
+        }
+    }
+}
+
 /// Asks the kernel's FIB (routes + neighbours) for the next hop.
 #[inline(always)]
 fn lookup(ctx: &XdpContext, fib: &mut Fib) -> bool {
@@ -696,24 +782,24 @@ fn lookup(ctx: &XdpContext, fib: &mut Fib) -> bool {
     rc == 0
 }
 
-/// Sets the MACs the FIB gave and sends the frame on its way.
+/// Sets the next hop's MACs and sends the frame on its way.
 #[inline(always)]
-fn forward(ctx: &XdpContext, fib: &Fib) -> u32 {
+fn forward(ctx: &XdpContext, hop: &Hop) -> u32 {
     let Some(eth) = at::<[u8; 12]>(ctx, 0) else {
         return counter::PASS_TRUNC_ETH;
     };
     let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&fib.dmac);
-    macs[6..].copy_from_slice(&fib.smac);
+    macs[..6].copy_from_slice(&hop.dmac);
+    macs[6..].copy_from_slice(&hop.smac);
     wr(eth, macs);
-    if fib.ifindex == ctx.ingress_ifindex() as u32 {
+    if hop.ifindex == ctx.ingress_ifindex() as u32 {
         return counter::TX;
     }
-    if TX_PORTS.redirect(fib.ifindex, 0).is_ok() {
+    if TX_PORTS.redirect(hop.ifindex, 0).is_ok() {
         return counter::REDIRECT;
     }
     // Not in the devmap: the slower generic redirect still delivers it.
-    if unsafe { bpf_redirect(fib.ifindex, 0) } == xdp_action::XDP_REDIRECT as i64 {
+    if unsafe { bpf_redirect(hop.ifindex, 0) } == xdp_action::XDP_REDIRECT as i64 {
         counter::REDIRECT
     } else {
         counter::DROP_REDIRECT

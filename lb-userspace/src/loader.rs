@@ -11,8 +11,8 @@ use aya::{
 };
 use lb_common::{
     counter, maps, programs, Backend, Config, Counters, Flow, FlowKey, RevNat, ServiceKey,
-    ServiceValue, CONFIG_NAT_REPLIES, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_NS, MODE_NAT,
+    ServiceValue, BACKEND_ACTIVE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
+    DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_NS,
 };
 use thiserror::Error;
 
@@ -122,10 +122,13 @@ pub struct Balancer {
     service_stats: PerCpuArray<MapData, Counters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     tx_ports: DevMapHash<MapData>,
+    nat_ports: Array<MapData, [u64; 1024]>,
     tables: TableMem,
     _tables_map: MapData,
     config: Config,
     published: StdHashMap<ServiceKey, ServiceValue>,
+    /// What `BACKENDS` holds, to derive `NAT_PORTS` without reading it back.
+    backends_set: StdHashMap<u32, Backend>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -146,6 +149,7 @@ impl Balancer {
             .map_max_entries(maps::SERVICE_STATS, opts.max_services)
             .map_max_entries(maps::BACKENDS, opts.max_backends)
             .map_max_entries(maps::BACKEND_STATS, opts.max_backends)
+            .map_max_entries(maps::NEXTHOPS, opts.max_backends)
             // Slots are stored in pairs (see lb-ebpf); max_table_size is
             // odd or even, 2 * it is even.
             .map_max_entries(maps::TABLES, table_entries / 2)
@@ -190,6 +194,8 @@ impl Balancer {
             .map_err(map_err(maps::BACKEND_STATS))?;
         let tx_ports =
             DevMapHash::try_from(take(maps::TX_PORTS)?).map_err(map_err(maps::TX_PORTS))?;
+        let nat_ports =
+            Array::try_from(take(maps::NAT_PORTS)?).map_err(map_err(maps::NAT_PORTS))?;
         let tables = TableMem::map(tables_map.fd(), table_entries)?;
 
         let mut lb = Self {
@@ -204,13 +210,17 @@ impl Balancer {
             service_stats,
             backend_stats,
             tx_ports,
+            nat_ports,
             tables,
             _tables_map: tables_map,
             config: Config {
                 udp_idle_timeout_ns: opts.udp_idle_timeout.as_nanos() as u64,
+                // Cached next hops start empty (epoch 0): none is valid.
+                epoch: 1,
                 ..Config::default()
             },
             published: StdHashMap::new(),
+            backends_set: StdHashMap::new(),
             logger,
         };
         lb.write_config()?;
@@ -282,12 +292,46 @@ impl Balancer {
             })
     }
 
-    /// Writes backend slot `id`.
+    /// Writes backend slot `id`. Cached next hops are dropped (the address
+    /// may have changed) and the nat reply ports follow the active backends.
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), BalancerError> {
         self.check("backend id", id, self.opts.max_backends)?;
         self.backends
             .set(id, backend, 0)
-            .map_err(map_err(maps::BACKENDS))
+            .map_err(map_err(maps::BACKENDS))?;
+        let old_port = self
+            .backends_set
+            .insert(id, backend)
+            .filter(|b| b.flags & BACKEND_ACTIVE != 0)
+            .map(|b| b.port);
+        if old_port != Some(backend.port) || backend.flags & BACKEND_ACTIVE == 0 {
+            self.write_nat_ports()?;
+        }
+        self.refresh_next_hops()
+    }
+
+    /// Drops every cached next hop: the program asks the FIB again. Call it
+    /// when routes or neighbours change (the daemon does, periodically).
+    pub fn refresh_next_hops(&mut self) -> Result<(), BalancerError> {
+        self.config.epoch = self.config.epoch.wrapping_add(1).max(1);
+        self.write_config()
+    }
+
+    /// Source ports of active backends: only packets from them can be nat
+    /// replies, so only they are looked up in `NAT_REV`.
+    fn write_nat_ports(&mut self) -> Result<(), BalancerError> {
+        let mut bits = [0u64; 1024];
+        for b in self
+            .backends_set
+            .values()
+            .filter(|b| b.flags & BACKEND_ACTIVE != 0)
+        {
+            let port = usize::from(u16::from_be(b.port));
+            bits[port >> 6] |= 1 << (port & 63);
+        }
+        self.nat_ports
+            .set(0, bits, 0)
+            .map_err(map_err(maps::NAT_PORTS))
     }
 
     /// Reads backend slot `id`.
@@ -344,7 +388,6 @@ impl Balancer {
             .insert(key, value, 0)
             .map_err(map_err(maps::SERVICES))?;
         self.published.insert(key, value);
-        self.update_nat_flag()?;
         Ok(value)
     }
 
@@ -370,20 +413,6 @@ impl Balancer {
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), BalancerError> {
         self.services.remove(key).map_err(map_err(maps::SERVICES))?;
         self.published.remove(key);
-        self.update_nat_flag()
-    }
-
-    fn update_nat_flag(&mut self) -> Result<(), BalancerError> {
-        let nat = self.published.values().any(|v| v.mode == MODE_NAT);
-        let flags = if nat {
-            self.config.flags | CONFIG_NAT_REPLIES
-        } else {
-            self.config.flags & !CONFIG_NAT_REPLIES
-        };
-        if flags != self.config.flags {
-            self.config.flags = flags;
-            self.write_config()?;
-        }
         Ok(())
     }
 

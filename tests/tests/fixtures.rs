@@ -305,6 +305,20 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Runs a command in the namespace the calling thread is in.
+fn sh(cmd: &str) -> Result<(), String> {
+    let argv: Vec<&str> = cmd.split_whitespace().collect();
+    let out = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
 fn fwd(service: u32, backend: u32) -> Option<Traffic> {
     Some(Traffic {
         service,
@@ -1360,6 +1374,79 @@ fn cases() -> Vec<Case> {
                 &[PASS_FIB, CT_MISS, MISS_SYN],
                 None,
             )
+        }),
+    ));
+    v.push((
+        "next-hop cache: a neighbour change is used after refresh_next_hops",
+        Box::new(|c: &mut Ctx| {
+            let syn = Desc::tcp(v4(VIP4), 40090, 80, SYN);
+            c.step(
+                "SYN",
+                &syn.frame(),
+                c.fx0,
+                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
+                &[REDIRECT, CT_MISS, MISS_SYN],
+                fwd(SVC_TCP4_NAT, 0),
+            )?;
+            let new_mac = [0x02, 0, 0, 0, 0xbe, 0x99];
+            sh(&format!(
+                "ip neigh replace {} lladdr 02:00:00:00:be:99 dev fx1 nud permanent",
+                backend4(0)
+            ))?;
+            let ack = Desc::tcp(v4(VIP4), 40090, 80, ACK);
+            // Until userspace bumps the epoch, the cached hop stands.
+            let r = c.step(
+                "ACK, cache not refreshed",
+                &ack.frame(),
+                c.fx0,
+                Expect::Out(XDP_REDIRECT, ack.to_backend(0, true).frame()),
+                &[REDIRECT, CT_HIT],
+                hit(SVC_TCP4_NAT, 0),
+            );
+            c.lb.refresh_next_hops().map_err(|e| e.to_string())?;
+            let mut want = ack.to_backend(0, true);
+            want.dst_mac = new_mac;
+            let r2 = c.step(
+                "ACK after refresh",
+                &ack.frame(),
+                c.fx0,
+                Expect::Out(XDP_REDIRECT, want.frame()),
+                &[REDIRECT, CT_HIT],
+                hit(SVC_TCP4_NAT, 0),
+            );
+            sh(&format!(
+                "ip neigh replace {} lladdr 02:00:00:00:be:00 dev fx1 nud permanent",
+                backend4(0)
+            ))?;
+            c.lb.refresh_next_hops().map_err(|e| e.to_string())?;
+            r.and(r2)
+        }),
+    ));
+    v.push((
+        "next-hop cache: a longer packet than it has carried asks the FIB (MTU)",
+        Box::new(|c: &mut Ctx| {
+            sh("ip link set dev fx1 mtu 1000")?;
+            let syn = Desc::tcp(v4(VIP4), 40091, 80, SYN);
+            let r = c.step(
+                "SYN",
+                &syn.frame(),
+                c.fx0,
+                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
+                &[REDIRECT, CT_MISS, MISS_SYN],
+                fwd(SVC_TCP4_NAT, 0),
+            );
+            let mut big = Desc::tcp(v4(VIP4), 40091, 80, ACK);
+            big.payload = vec![0x5a; 1100];
+            let r2 = c.step(
+                "1160-byte packet over a 1000-byte MTU",
+                &big.frame(),
+                c.fx0,
+                Expect::Same(XDP_PASS),
+                &[PASS_FIB, CT_HIT],
+                None,
+            );
+            sh("ip link set dev fx1 mtu 1500")?;
+            r.and(r2)
         }),
     ));
     v.push((
