@@ -1,5 +1,7 @@
 //! The `headroom` command: one binary for the balancer and the control modules.
 
+use std::path::PathBuf;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use headroom_control::cli::{KeysArgs, LoadReceiverArgs, ShimArgs};
@@ -25,6 +27,19 @@ enum Cmd {
     Shim(ShimArgs),
     /// Accept signed load reports and write them to the scoreboard.
     LoadReceiver(LoadReceiverArgs),
+    /// The load-balancer daemon and its tools.
+    #[command(subcommand)]
+    Lb(LbCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum LbCmd {
+    /// Validate a config file without touching the kernel: print a summary
+    /// and exit 0, or the invalid fields and exit 1.
+    CheckConfig {
+        /// The TOML config file (docs/CONFIG.md).
+        file: PathBuf,
+    },
 }
 
 #[tokio::main]
@@ -39,5 +54,21 @@ async fn main() -> Result<()> {
         Cmd::Keys(a) => headroom_control::run_keys(a).await,
         Cmd::Shim(a) => headroom_control::run_shim(a).await,
         Cmd::LoadReceiver(a) => headroom_control::run_load_receiver(a).await,
+        Cmd::Lb(LbCmd::CheckConfig { file }) => check_config(&file),
+    }
+}
+
+/// `headroom lb check-config FILE`: parse and validate only; no BPF, no Redis.
+fn check_config(file: &std::path::Path) -> Result<()> {
+    match headroom::config::Config::load(file) {
+        Ok(config) => {
+            print!("{}", config.summary());
+            Ok(())
+        }
+        Err(e) => {
+            // A user's mistake, not a program error: no anyhow backtrace.
+            eprintln!("invalid config {}: {e}", file.display());
+            std::process::exit(1);
+        }
     }
 }
