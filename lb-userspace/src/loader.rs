@@ -2,11 +2,20 @@
 //! configuration and counters. Everything the data path decides is decided
 //! here, as map contents.
 
-use std::{collections::HashMap as StdHashMap, time::Duration};
+use std::{
+    collections::HashMap as StdHashMap,
+    mem::size_of,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
-    programs::{ProgramError, TestRun, TestRunOptions, Xdp},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{
@@ -79,6 +88,9 @@ pub enum BalancerError {
     /// The table memory could not be used.
     #[error(transparent)]
     Table(#[from] TableError),
+    /// Pinning, or reusing what an earlier run pinned, failed.
+    #[error("pinning: {0}")]
+    Pin(String),
     /// The in-kernel log could not be set up.
     #[error("setting up the XDP program's log: {0}")]
     Log(String),
@@ -129,12 +141,34 @@ pub struct Balancer {
     published: StdHashMap<ServiceKey, ServiceValue>,
     /// What `BACKENDS` holds, to derive `NAT_PORTS` without reading it back.
     backends_set: StdHashMap<u32, Backend>,
+    /// Where maps and links are pinned ([`Self::load_pinned`]).
+    pin_dir: Option<PathBuf>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Balancer {
     /// Creates the maps at the sizes in `opts` and loads both programs.
+    /// Nothing is pinned: the balancer's state dies with this value.
     pub fn load(opts: &LoadOptions) -> Result<Self, BalancerError> {
+        Self::load_inner(opts, None)
+    }
+
+    /// Like [`Self::load`], but the maps live pinned in `dir` (on a bpffs):
+    /// maps pinned there by an earlier run are reused as they are — services,
+    /// tables, backends, connection tables, counters — so a restart or a newer
+    /// program keeps every flow. [`Self::attach`] pins the XDP links there too.
+    pub fn load_pinned(opts: &LoadOptions, dir: &Path) -> Result<Self, BalancerError> {
+        pin::check_bpffs(dir)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BalancerError::Pin(format!("creating {}: {e}", dir.display())))?;
+        let mut lb = Self::load_inner(opts, Some(dir))?;
+        lb.pin_dir = Some(dir.to_path_buf());
+        lb.check_pinned()?;
+        lb.recover()?;
+        Ok(lb)
+    }
+
+    fn load_inner(opts: &LoadOptions, dir: Option<&Path>) -> Result<Self, BalancerError> {
         let table_entries = u64::from(opts.max_services) * 2 * u64::from(opts.max_table_size);
         let table_entries =
             u32::try_from(table_entries).map_err(|_| BalancerError::OutOfRange {
@@ -142,7 +176,13 @@ impl Balancer {
                 value: table_entries,
                 limit: u64::from(u32::MAX),
             })?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = dir {
+            for name in pin::PINNED_MAPS {
+                loader.map_pin_path(name, dir.join(name));
+            }
+        }
+        let mut ebpf = loader
             .map_max_entries(maps::CONNTRACK, opts.conntrack_size)
             .map_max_entries(maps::NAT_REV, opts.conntrack_size)
             .map_max_entries(maps::SERVICES, opts.max_services)
@@ -221,6 +261,7 @@ impl Balancer {
             },
             published: StdHashMap::new(),
             backends_set: StdHashMap::new(),
+            pin_dir: None,
             logger,
         };
         lb.write_config()?;
@@ -239,6 +280,133 @@ impl Balancer {
     pub fn log_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
         self.logger.as_ref().map(|l| l.as_fd())
+    }
+
+    /// Attaches the balancer to interface `ifname` (index `ifindex` in the
+    /// calling thread's network namespace) and lets it redirect there. When
+    /// loaded pinned, the XDP link is pinned too, and a link pinned by an
+    /// earlier run has its program replaced atomically instead: the
+    /// interface never runs without the balancer.
+    pub fn attach(
+        &mut self,
+        ifname: &str,
+        ifindex: u32,
+        mode: XdpMode,
+    ) -> Result<(), BalancerError> {
+        let name = programs::BALANCER;
+        let perr = move |source| BalancerError::Program { name, source };
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link-{ifname}")));
+        let prog = self.program();
+        match pin {
+            Some(path) if path.exists() => {
+                let pinned = PinnedLink::from_pin(&path)
+                    .map_err(|e| BalancerError::Pin(format!("{}: {e}", path.display())))?;
+                let link = XdpLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| BalancerError::Pin(format!("{}: {e}", path.display())))?;
+                let id = prog.attach_to_link(link).map_err(perr)?;
+                // The pin keeps the link (and the program on it) alive; our
+                // fd may close with this value.
+                drop(prog.take_link(id).map_err(perr)?);
+            }
+            Some(path) => {
+                let id = prog.attach_to_if_index(ifindex, mode).map_err(perr)?;
+                let link = FdLink::try_from(prog.take_link(id).map_err(perr)?)
+                    .map_err(|e| BalancerError::Pin(format!("{ifname}: not a bpf_link: {e}")))?;
+                link.pin(&path)
+                    .map_err(|e| BalancerError::Pin(format!("{}: {e}", path.display())))?;
+            }
+            None => {
+                prog.attach_to_if_index(ifindex, mode).map_err(perr)?;
+            }
+        }
+        self.add_tx_port(ifindex)
+    }
+
+    /// Checks that maps an earlier run pinned have the shape this program
+    /// expects: a newer build with other sizes must not reuse them blindly.
+    fn check_pinned(&self) -> Result<(), BalancerError> {
+        let o = &self.opts;
+        let checks: [(&str, u32, u32, u32); 5] = [
+            (
+                maps::SERVICES,
+                size_of::<ServiceKey>() as u32,
+                size_of::<ServiceValue>() as u32,
+                o.max_services,
+            ),
+            (
+                maps::BACKENDS,
+                4,
+                size_of::<Backend>() as u32,
+                o.max_backends,
+            ),
+            (
+                maps::CONNTRACK,
+                size_of::<FlowKey>() as u32,
+                size_of::<Flow>() as u32,
+                o.conntrack_size,
+            ),
+            (
+                maps::NAT_REV,
+                size_of::<FlowKey>() as u32,
+                size_of::<RevNat>() as u32,
+                o.conntrack_size,
+            ),
+            (maps::CONFIG, 4, size_of::<Config>() as u32, 1),
+        ];
+        for (name, key, value, entries) in checks {
+            let info = aya::maps::MapInfo::from_pin(self.pin_path(name))
+                .map_err(|e| BalancerError::Pin(format!("{name}: {e}")))?;
+            let got = (info.key_size(), info.value_size(), info.max_entries());
+            if got != (key, value, entries) {
+                return Err(BalancerError::Pin(format!(
+                    "pinned map {name} has key/value/entries {got:?}, this build expects {:?}: \
+                     run `headroom lb detach` to start afresh (drops all flows)",
+                    (key, value, entries)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn pin_path(&self, name: &str) -> PathBuf {
+        self.pin_dir.as_deref().unwrap_or(Path::new("")).join(name)
+    }
+
+    /// Rebuilds what userspace remembers (published services, backends,
+    /// configuration epoch) from maps an earlier run left pinned.
+    fn recover(&mut self) -> Result<(), BalancerError> {
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
+            self.published.insert(k, v);
+        }
+        for id in 0..self.opts.max_backends {
+            let b = self.backends.get(&id, 0).map_err(map_err(maps::BACKENDS))?;
+            if b.flags & BACKEND_ACTIVE != 0 {
+                self.backends_set.insert(id, b);
+            }
+        }
+        let old = self.config_map.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        // Keep the epoch moving forward: hops cached by the old program may
+        // be stale by now.
+        self.config.epoch = old.epoch.wrapping_add(1).max(1);
+        self.write_config()?;
+        if !self.backends_set.is_empty() {
+            self.write_nat_ports()?;
+        }
+        Ok(())
+    }
+
+    /// The services currently published (recovered after a pinned restart).
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
+        self.published.iter()
+    }
+
+    /// The active backends (recovered after a pinned restart).
+    pub fn backends(&self) -> impl Iterator<Item = (&u32, &Backend)> {
+        self.backends_set.iter()
     }
 
     /// The options the program was loaded with.
@@ -454,6 +622,80 @@ impl Balancer {
     /// (0: the namespace's loopback).
     pub fn run(&mut self, frame: &[u8], ingress_ifindex: u32) -> Result<RunResult, BalancerError> {
         run_xdp(self.program(), programs::BALANCER, frame, ingress_ifindex)
+    }
+}
+
+/// Removes everything [`Balancer::load_pinned`] and [`Balancer::attach`]
+/// pinned in `dir`: links first (XDP comes off the interfaces), then the
+/// maps (the kernel frees them once no program holds them), then `dir`.
+pub fn detach(dir: &Path) -> Result<(), BalancerError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| BalancerError::Pin(format!("reading {}: {e}", dir.display())))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    // Links ("link-*") before maps.
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
+    });
+    for p in paths {
+        std::fs::remove_file(&p)
+            .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", p.display())))?;
+    }
+    std::fs::remove_dir(dir)
+        .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", dir.display())))
+}
+
+/// Pinning details.
+mod pin {
+    use std::path::Path;
+
+    use lb_common::maps;
+
+    use super::BalancerError;
+
+    /// The maps that outlive the daemon (not the log ring buffer).
+    pub const PINNED_MAPS: [&str; 12] = [
+        maps::SERVICES,
+        maps::BACKENDS,
+        maps::TABLES,
+        maps::CONNTRACK,
+        maps::NAT_REV,
+        maps::CONFIG,
+        maps::GLOBAL_STATS,
+        maps::SERVICE_STATS,
+        maps::BACKEND_STATS,
+        maps::TX_PORTS,
+        maps::NEXTHOPS,
+        maps::NAT_PORTS,
+    ];
+
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+    /// Pins only work on a bpffs: say so plainly instead of failing later.
+    pub fn check_bpffs(dir: &Path) -> Result<(), BalancerError> {
+        // The directory may not exist yet: check the nearest existing parent.
+        let existing = dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let c = std::ffi::CString::new(existing.as_os_str().as_encoded_bytes())
+            .map_err(|_| BalancerError::Pin(format!("{}: NUL in path", dir.display())))?;
+        // SAFETY: statfs writes into the zeroed struct we pass.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(BalancerError::Pin(format!(
+                "statfs {}: {}",
+                existing.display(),
+                std::io::Error::last_os_error()
+            )));
+        }
+        if st.f_type as i64 != BPF_FS_MAGIC {
+            return Err(BalancerError::Pin(format!(
+                "{} is not on a bpf filesystem: mount one first (mount -t bpf bpf /sys/fs/bpf)",
+                dir.display()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -126,6 +126,15 @@ pub struct FixtureEnv {
 impl FixtureEnv {
     /// Builds the namespace and loads the balancer with `opts`.
     pub fn new(opts: &LoadOptions) -> Result<Self> {
+        Self::build(|| Balancer::load(opts).context("loading the balancer"))
+    }
+
+    /// Like [`Self::new`], with the balancer's maps pinned in `dir`.
+    pub fn new_pinned(opts: &LoadOptions, dir: &std::path::Path) -> Result<Self> {
+        Self::build(|| Balancer::load_pinned(opts, dir).context("loading the pinned balancer"))
+    }
+
+    fn build(load: impl FnOnce() -> Result<Balancer>) -> Result<Self> {
         let ns = Netns::with_tag("fx")?;
         let sh = |args: &str| -> Result<()> {
             let argv: Vec<&str> = args.split_whitespace().collect();
@@ -167,7 +176,7 @@ impl FixtureEnv {
         }
         let fx0 = ns.ifindex("fx0")?;
         let fx1 = ns.ifindex("fx1")?;
-        let mut lb = Balancer::load(opts).context("loading the balancer")?;
+        let mut lb = load()?;
         {
             // A devmap resolves ifindexes in the caller's namespace.
             let _inside = ns.enter_thread()?;
