@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
 use headroom::{Balancer, LoadOptions};
-use lb_common::{Backend, FlowKey, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, FAMILY_V6};
+use lb_common::{Backend, FlowKey, ServiceKey, BACKEND_ACTIVE};
 
 use crate::Netns;
 
@@ -58,25 +58,8 @@ pub const LOCAL_BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x5
 /// MAC of the local backend.
 pub const LOCAL_BACKEND_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0c, 0x50];
 
-/// Address words as the maps keep them.
-pub fn words(ip: IpAddr) -> [u32; 4] {
-    match ip {
-        IpAddr::V4(a) => [u32::from_ne_bytes(a.octets()), 0, 0, 0],
-        IpAddr::V6(a) => {
-            let o = a.octets();
-            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            [w(0), w(4), w(8), w(12)]
-        }
-    }
-}
-
-fn family(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        FAMILY_V4
-    } else {
-        FAMILY_V6
-    }
-}
+/// Address words as the maps keep them, and the family tag (the daemon's own).
+pub use headroom::config::{addr_words as words, family};
 
 /// Services-map key of `vip:port/proto`.
 pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {

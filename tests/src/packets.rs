@@ -10,6 +10,15 @@ use etherparse::{
     Ipv4Options, Ipv6Header, PacketBuilder, TcpHeader,
 };
 
+/// XDP actions, as BPF_PROG_TEST_RUN returns them.
+pub const XDP_DROP: u32 = 1;
+/// Pass to the stack.
+pub const XDP_PASS: u32 = 2;
+/// Back out of the ingress interface.
+pub const XDP_TX: u32 = 3;
+/// To another interface.
+pub const XDP_REDIRECT: u32 = 4;
+
 /// TCP flag bits.
 pub const SYN: u8 = 0x02;
 /// TCP ACK flag.

@@ -19,11 +19,6 @@ use lb_common::{
     NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
 /// Table size of the fixtures (prime; small keeps setup fast).
 const M: u32 = 31;
 const MAX_SERVICES: u32 = 16;

@@ -13,10 +13,6 @@ use proptest::{
     test_runner::{Config, TestCaseError, TestRunner},
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 const M: u32 = 31;
 /// Cases generated; some are runts the kernel refuses, and at least 10 000 must run.
 const CASES: u32 = 12_000;

@@ -58,18 +58,15 @@ use headroom_tests::{
         CLIENT_MAC, FX0_MAC, FX1_MAC, NUM_BACKENDS, VIP4, VIP6,
     },
     is_root,
+    packets::{BACKEND_PORT, XDP_PASS, XDP_REDIRECT},
 };
 use lb_common::{
     counter, flow_hash, programs, FlowKey, DEFAULT_CONNTRACK_SIZE, DEFAULT_TABLE_SIZE, FAMILY_V4,
     FAMILY_V6, MODE_DSR, MODE_NAT, PROTO_TCP,
 };
 
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 /// The services' port.
 const VIP_PORT: u16 = 80;
-/// The backends' port (nat rewrites to it).
-const BACKEND_PORT: u16 = 8080;
 /// Non-VIP traffic: to the balancer host's own address, this port.
 const HOST_PORT: u16 = 22;
 /// Flow `i` comes from port `FIRST_PORT + i % PORTS_PER_ADDR` of client
