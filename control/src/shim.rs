@@ -281,10 +281,17 @@ pub async fn run_shim(args: ShimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How often a running shim writes its registration again.
+const REREGISTER_EVERY: Duration = Duration::from_secs(5);
+
+/// Registers the instance (scoreboard address, permission-DB observer) until
+/// shutdown aborts it: first with backoff until Redis answers, then every
+/// [`REREGISTER_EVERY`].
 async fn register_loop(redis: String, service: String, instance: String, addr: String) {
     let info =
         serde_json::json!({ "addr": addr, "started_ms": crate::sigv4::unix_now_ms() }).to_string();
     let mut backoff = Duration::from_millis(100);
+    let mut registered = false;
     loop {
         let r = async {
             let mut c = keystore::connect(&redis, Duration::from_secs(2)).await?;
@@ -297,8 +304,14 @@ async fn register_loop(redis: String, service: String, instance: String, addr: S
         .await;
         match r {
             Ok(()) => {
-                info!("registered");
-                return;
+                if !registered {
+                    info!("registered");
+                    registered = true;
+                }
+                backoff = Duration::from_millis(100);
+                // Again later: a Redis restarted empty (or failed over) must
+                // learn this instance's address again. Writing it is idempotent.
+                tokio::time::sleep(REREGISTER_EVERY).await;
             }
             Err(e) => {
                 debug!(error = %e, "registration failed, retrying");

@@ -429,3 +429,50 @@ async fn shim_registers_reports_its_load_and_unregisters() {
     );
     e.recv.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shim_registers_again_after_redis_restarts_empty() {
+    let mut redis = RedisServer::start();
+    let upstream = start_echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = ShimArgs::new(
+        "api",
+        "127.0.0.1:0".parse().unwrap(),
+        upstream,
+        &redis.url(),
+    );
+    a.snapshot = Some(dir.path().join("s.json"));
+    let s = start_shim(a).await.unwrap();
+    let inst = s.instance.clone();
+    let want = Some(s.local_addr.to_string());
+    let addr_of = |conn: &mut redis::Connection| -> Option<String> {
+        redis::cmd("HGET")
+            .arg("headroom:sb:{api}:addr")
+            .arg(&inst)
+            .query(conn)
+            .unwrap_or(None)
+    };
+    let mut conn = redis.conn();
+    eventually(Duration::from_secs(10), "first registration", || {
+        let v = addr_of(&mut conn);
+        let want = want.clone();
+        async move { v == want }
+    })
+    .await;
+    // A Redis that comes back empty learns the address again: otherwise the
+    // balancer would never route to this instance again.
+    redis.restart_empty();
+    let mut conn = redis.conn();
+    assert_eq!(addr_of(&mut conn), None, "the restarted Redis is empty");
+    eventually(
+        Duration::from_secs(15),
+        "registration after the restart",
+        || {
+            let v = addr_of(&mut conn);
+            let want = want.clone();
+            async move { v == want }
+        },
+    )
+    .await;
+    s.shutdown().await;
+}
