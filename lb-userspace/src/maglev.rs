@@ -909,32 +909,4 @@ mod tests {
         assert!(!is_prime(4_294_967_295)); // 3 * 5 * 17 * 257 * 65537
         assert!(!is_prime(65521 * 65521)); // square of a large prime
     }
-
-    /// Not a check: `cargo test --release maglev::tests::timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn timing() {
-        for n in [10usize, 100, 1000] {
-            let ks = keys(n);
-            let bs = backends(&ks, &random_weights(1, n, 1, 100));
-            let mut out = vec![0u32; M as usize];
-            build_into(&bs, &mut out).unwrap();
-            // Min and median: the machine is shared, the mean is noise.
-            let mut times: Vec<_> = (0..200)
-                .map(|_| {
-                    let start = std::time::Instant::now();
-                    build_into(&bs, &mut out).unwrap();
-                    start.elapsed()
-                })
-                .collect();
-            times.sort();
-            println!("M={M} n={n}: min {:?}, median {:?}", times[0], times[100]);
-        }
-        let ks = keys(100);
-        let bs = backends(&ks, &random_weights(1, 100, 1, 100));
-        let start = std::time::Instant::now();
-        let t = build(&bs, 16_777_213).unwrap();
-        println!("M={} n=100: {:?}", t.len(), start.elapsed());
-        assert!(t.iter().all(|&id| id < 100));
-    }
 }

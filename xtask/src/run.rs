@@ -8,13 +8,15 @@ use crate::{apt::Apt, ebpf, sh, sys, tools};
 /// The benchmarks; each is the binary `bench-NAME` of headroom-tests.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Bench {
-    /// XDP forwarding rate.
+    /// XDP per-packet cost (BPF_PROG_TEST_RUN).
     Xdp,
+    /// Rebuilding and swapping a service's table.
+    Tables,
     /// End to end through the balancer.
     E2e,
     /// The L7 auth shim.
     Auth,
-    /// Scaling with backends and services.
+    /// Autoscaler reaction time.
     Scale,
 }
 
@@ -22,6 +24,7 @@ impl Bench {
     fn bin(self) -> &'static str {
         match self {
             Bench::Xdp => "bench-xdp",
+            Bench::Tables => "bench-tables",
             Bench::E2e => "bench-e2e",
             Bench::Auth => "bench-auth",
             Bench::Scale => "bench-scale",
