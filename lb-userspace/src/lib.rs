@@ -1,6 +1,7 @@
 //! Headroom userspace: loads the XDP program, fills its maps, builds tables.
 
 pub mod config;
+pub mod daemon;
 pub mod loader;
 pub mod maglev;
 pub mod scoreboard;

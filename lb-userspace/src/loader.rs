@@ -88,6 +88,9 @@ pub enum BalancerError {
     /// The table memory could not be used.
     #[error(transparent)]
     Table(#[from] TableError),
+    /// Filling a table failed; the service kept its previous table.
+    #[error("building the table: {0}")]
+    Fill(String),
     /// Pinning, or reusing what an earlier run pinned, failed.
     #[error("pinning: {0}")]
     Pin(String),
@@ -520,14 +523,15 @@ impl Balancer {
 
     /// Publishes a new table for a service: `fill` writes the inactive buffer
     /// in place, then one map update flips the service to it. The program
-    /// sees the old table or the new one, never a mix.
-    pub fn publish_with(
+    /// sees the old table or the new one, never a mix. If `fill` fails,
+    /// nothing is flipped: the service keeps the table it has.
+    pub fn publish_with<E: std::fmt::Display>(
         &mut self,
         key: ServiceKey,
         id: u32,
         mode: u8,
         table_size: u32,
-        fill: impl FnOnce(&mut [u32]),
+        fill: impl FnOnce(&mut [u32]) -> Result<(), E>,
     ) -> Result<ServiceValue, BalancerError> {
         self.check("service id", id, self.opts.max_services)?;
         if table_size > self.opts.max_table_size {
@@ -543,7 +547,8 @@ impl Balancer {
             Some(v) if v.id == id && v.table_base == first => second,
             _ => first,
         };
-        fill(self.tables.region_mut(base, table_size as usize)?);
+        fill(self.tables.region_mut(base, table_size as usize)?)
+            .map_err(|e| BalancerError::Fill(e.to_string()))?;
         let value = ServiceValue {
             id,
             table_base: base,
@@ -568,7 +573,10 @@ impl Balancer {
         table: &[u32],
     ) -> Result<ServiceValue, BalancerError> {
         let m = u32::try_from(table.len()).unwrap_or(u32::MAX);
-        self.publish_with(key, id, mode, m, |buf| buf.copy_from_slice(table))
+        self.publish_with(key, id, mode, m, |buf| {
+            buf.copy_from_slice(table);
+            Ok::<(), std::convert::Infallible>(())
+        })
     }
 
     /// The active table of a published service.

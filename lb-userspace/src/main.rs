@@ -24,7 +24,7 @@ enum Cmd {
     /// Manage API keys and grants in the permission DB (Redis).
     Keys(KeysArgs),
     /// Run the authorising reverse proxy in front of one service instance.
-    Shim(ShimArgs),
+    Shim(Box<ShimArgs>),
     /// Accept signed load reports and write them to the scoreboard.
     LoadReceiver(LoadReceiverArgs),
     /// The load-balancer daemon and its tools.
@@ -40,6 +40,16 @@ enum LbCmd {
         /// The TOML config file (docs/CONFIG.md).
         file: PathBuf,
     },
+    /// Run the balancer daemon: attach to the configured interfaces and
+    /// follow the scoreboard until SIGINT/SIGTERM.
+    Run {
+        /// The TOML config file (docs/CONFIG.md).
+        #[arg(long)]
+        config: PathBuf,
+        /// Attach even to an interface that carries the default route.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[tokio::main]
@@ -52,10 +62,29 @@ async fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Keys(a) => headroom_control::run_keys(a).await,
-        Cmd::Shim(a) => headroom_control::run_shim(a).await,
+        Cmd::Shim(a) => headroom_control::run_shim(*a).await,
         Cmd::LoadReceiver(a) => headroom_control::run_load_receiver(a).await,
         Cmd::Lb(LbCmd::CheckConfig { file }) => check_config(&file),
+        Cmd::Lb(LbCmd::Run { config, force }) => lb_run(&config, force).await,
     }
+}
+
+/// `headroom lb run --config FILE [--force]`.
+async fn lb_run(file: &std::path::Path, force: bool) -> Result<()> {
+    let config = match headroom::config::Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid config {}: {e}", file.display());
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = headroom::daemon::run(config, headroom::daemon::RunOptions { force }).await {
+        // Operational errors (refused interface, missing object, no
+        // permission): the message chain, no backtrace.
+        eprintln!("headroom lb run: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// `headroom lb check-config FILE`: parse and validate only; no BPF, no Redis.

@@ -1,20 +1,69 @@
-//! The embedded object passes the verifier.
-use headroom::{Balancer, LoadOptions};
+//! The embedded object passes the verifier, and publishing is all or nothing.
+use headroom::{Balancer, BalancerError, LoadOptions};
+use lb_common::{ServiceKey, MODE_NAT, PROTO_TCP};
+
+fn root() -> bool {
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").map_or(true, |v| v != "true"),
+        "root-only test must run in CI"
+    );
+    eprintln!("skipping: needs root");
+    false
+}
+
+fn opts() -> LoadOptions {
+    LoadOptions {
+        conntrack_size: 1024,
+        max_services: 4,
+        max_table_size: 7,
+        ..Default::default()
+    }
+}
 
 #[test]
 fn root_program_loads() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root");
+    if !root() {
         return;
     }
-    let opts = LoadOptions {
-        conntrack_size: 1024,
-        max_services: 4,
-        max_table_size: 251,
-        ..Default::default()
-    };
-    match Balancer::load(&opts) {
-        Ok(_) => {}
-        Err(e) => panic!("{e}\n{e:?}"),
+    if let Err(e) = Balancer::load(&opts()) {
+        panic!("{e}\n{e:?}");
     }
+}
+
+#[test]
+fn root_failed_fill_keeps_the_table() {
+    if !root() {
+        return;
+    }
+    let mut lb = Balancer::load(&opts()).expect("load");
+    let key = ServiceKey {
+        addr: [1, 0, 0, 0],
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family: 4,
+    };
+    let before = lb.publish(key, 0, MODE_NAT, &[1; 7]).expect("publish");
+    let err = lb
+        .publish_with(key, 0, MODE_NAT, 7, |buf| {
+            buf.fill(9); // scribbles on the inactive buffer, then fails
+            Err("no backend fits")
+        })
+        .expect_err("a failed fill is an error");
+    assert!(
+        matches!(err, BalancerError::Fill(ref m) if m.contains("no backend fits")),
+        "{err}"
+    );
+    assert_eq!(
+        lb.active_table(&key),
+        Some(&[1u32; 7][..]),
+        "the old table stays active"
+    );
+    let now: Vec<_> = lb.services().map(|(_, v)| *v).collect();
+    assert_eq!(now, vec![before], "the service entry did not flip");
+    // The next good publish still lands.
+    lb.publish(key, 0, MODE_NAT, &[2; 7]).expect("publish");
+    assert_eq!(lb.active_table(&key), Some(&[2u32; 7][..]));
 }

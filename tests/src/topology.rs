@@ -85,6 +85,13 @@ fn lb_backend_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 91, i as u8, 1)
 }
 
+/// The balancer namespace's interfaces for `backends` backends.
+fn balancer_ifs(backends: usize) -> Vec<String> {
+    let mut ifs = vec![LB_CLIENT_IF.to_string()];
+    ifs.extend((0..backends).map(lb_backend_if));
+    ifs
+}
+
 /// The balancer's interface towards backend `i`.
 fn lb_backend_if(i: usize) -> String {
     format!("lb-b{i}")
@@ -293,6 +300,20 @@ impl Topology {
     /// `0..backends`) and starts their servers. The service is not
     /// published yet: see [`Topology::publish`].
     pub fn new(mode: Mode, backends: usize) -> Result<Self> {
+        Self::build(mode, backends, true)
+    }
+
+    /// Like [`Topology::new`], but the balancer namespace's interfaces
+    /// ([`Topology::balancer_interfaces`]) are left without XDP and no
+    /// backend is registered: for a daemon (`headroom lb run`) to attach and
+    /// fill its own maps. The peers still run the pass program (redirected
+    /// frames need it), and the servers run. [`Topology::lb`] and
+    /// [`Topology::counters`] then see an idle balancer, not the daemon's.
+    pub fn new_for_daemon(mode: Mode, backends: usize) -> Result<Self> {
+        Self::build(mode, backends, false)
+    }
+
+    fn build(mode: Mode, backends: usize, attach: bool) -> Result<Self> {
         ensure!(
             (1..=MAX_BACKENDS).contains(&backends),
             "a topology holds 1..={MAX_BACKENDS} backends, not {backends}"
@@ -324,9 +345,9 @@ impl Topology {
         pin_neighbours(&balancer, &client, &nodes)?;
 
         let mut lb = load_balancer()?;
-        let mut lb_ifs = vec![LB_CLIENT_IF.to_string()];
-        lb_ifs.extend((0..backends).map(lb_backend_if));
-        attach_balancer(&mut lb, &balancer, &lb_ifs)?;
+        if attach {
+            attach_balancer(&mut lb, &balancer, &balancer_ifs(backends))?;
+        }
         // A veth only takes XDP_REDIRECTed frames if its peer runs NAPI,
         // which an XDP program (or GRO) turns on. We attach the pass
         // program: it also keeps the receiving side the same in both
@@ -335,7 +356,7 @@ impl Topology {
         for ns in &nodes {
             attach_pass(&mut lb, ns, BACKEND_IF)?;
         }
-        for i in 0..backends {
+        for i in (0..backends).filter(|_| attach) {
             let b = backend(IpAddr::V4(backend_addr(i)), mode.server_port());
             lb.set_backend(i as u32, b)
                 .with_context(|| format!("registering {} as backend id {i}", backend_name(i)))?;
@@ -385,6 +406,12 @@ impl Topology {
             .publish(key, SERVICE_ID, self.mode.raw(), &table)
             .context("publishing the service")?;
         Ok(table)
+    }
+
+    /// The balancer namespace's interfaces: towards the client, then towards
+    /// each backend.
+    pub fn balancer_interfaces(&self) -> Vec<String> {
+        balancer_ifs(self.backends.len())
     }
 
     /// The forwarding mode the topology was built for.

@@ -236,7 +236,7 @@ impl Ctx {
             ));
         }
         if matches!(expect, Expect::Out(..)) {
-            assert_checksums(out).or_else(|e| fail(e))?;
+            assert_checksums(out).or_else(&fail)?;
         }
         // Global counters: exactly the listed ones moved, by one each.
         let mut want = vec![0u64; before.global.len()];

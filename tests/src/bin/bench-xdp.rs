@@ -376,6 +376,7 @@ fn configure(lb: &mut Balancer, mode: u8) -> Result<()> {
                 for (s, slot) in t.iter_mut().enumerate() {
                     *slot = base + s as u32 % n;
                 }
+                Ok::<(), std::convert::Infallible>(())
             },
         )?;
     }

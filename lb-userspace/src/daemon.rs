@@ -1,0 +1,840 @@
+//! `headroom lb run`: the control daemon. It loads the XDP program, attaches
+//! it to the configured interfaces, publishes the static services' tables
+//! once, and then, every `scoreboard.refresh_interval`, reads the scoreboard
+//! of every scoreboard-driven service in one pipelined round trip, turns it
+//! into weights ([`crate::weights`]) and publishes a new weighted Maglev
+//! table for a service when (and only when) its weights really changed.
+//!
+//! # The refresh loop
+//!
+//! - Weights are updated only from successful reads ([`ServiceWeights::update`]
+//!   is never called during an outage: the weights module turns the gap into
+//!   a grace when reads resume).
+//! - A held decision (no fresh instance) publishes nothing and retires
+//!   nothing: the table stays exactly as it is, the backends too.
+//! - On every other decision the backends are reconciled, in this order:
+//!   1. table members get an id (see [`ids`]) and are written `ACTIVE`
+//!      (before any table points at them);
+//!   2. the table is published if the decision says `rebuild` (or a previous
+//!      publication failed): built in place into the inactive buffer, one
+//!      atomic flip;
+//!   3. draining instances that have an id are written `ACTIVE | DRAINING`
+//!      (absent from the new table, their flows continue);
+//!   4. ids of the service whose address is neither in the table nor
+//!      draining, and not in the table the kernel holds, are retired: flags
+//!      0 (their flows re-select), id quarantined before reuse.
+//!
+//!   Backend entries are written only when they change.
+//! - Redis unreachable, slow or refusing: the tables and backends stay as
+//!   they are, a warning is logged when the state changes (not every tick),
+//!   the reader reconnects with backoff, and the next successful read
+//!   resumes everything.
+//! - Every second the cached next hops are invalidated
+//!   ([`Balancer::refresh_next_hops`]), so route and neighbour changes reach
+//!   the data path within a second.
+//!
+//! # Lifetime
+//!
+//! [`run`] runs until SIGINT or SIGTERM, then detaches. [`Daemon::start`]
+//! runs the same daemon on a thread of its own (for tests and embedding) and
+//! returns a [`DaemonHandle`] with its [`Status`]. How the program gets onto
+//! the interfaces is [`attach::attach_or_reuse`], the one function that
+//! pinning will change.
+
+pub mod attach;
+pub mod ids;
+pub mod status;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    thread::JoinHandle,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, ensure, Context, Result};
+use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::{
+    config::{self, addr_words, family, Config},
+    maglev::{self, MaglevBackend},
+    scoreboard::{ReaderOptions, ScoreboardError, ScoreboardReader, ServiceSnapshot},
+    weights::ServiceWeights,
+    Balancer,
+};
+use attach::Attachment;
+use ids::BackendIds;
+pub use status::{BackendStatus, RedisState, ServiceStatus, Status, StatusHandle};
+
+/// How often cached next hops are invalidated.
+pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
+
+/// Command-line options of `headroom lb run` (not in the config file).
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Attach even to an interface that carries the default route.
+    pub force: bool,
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then detaches.
+pub async fn run(config: Config, opts: RunOptions) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Installed first: a signal during the setup must not kill us half-way.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let daemon = Daemon::new(config, &opts)?;
+    daemon
+        .run_until(async move {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+        })
+        .await
+}
+
+/// One table member as published.
+#[derive(Clone, Debug)]
+struct Member {
+    /// Maglev key: the instance id (scoreboard) or the address (static).
+    key: String,
+    addr: SocketAddr,
+    id: u32,
+    weight: u32,
+    target: u32,
+}
+
+enum Source {
+    Static,
+    Scoreboard {
+        name: String,
+        weights: ServiceWeights,
+    },
+}
+
+/// A service at run time.
+struct Svc {
+    name: String,
+    group: String,
+    id: u32,
+    key: ServiceKey,
+    mode: config::Mode,
+    vip: IpAddr,
+    port: u16,
+    table_size: u32,
+    source: Source,
+    /// Backend id per backend address.
+    ids: BTreeMap<SocketAddr, u32>,
+    /// The table the kernel holds.
+    published: Vec<Member>,
+    generation: u64,
+    last_publish: Option<Duration>,
+    held: bool,
+    malformed: Option<String>,
+    pending: bool,
+    skipped: usize,
+    draining: Vec<BackendStatus>,
+    /// Instances already warned about (address of the wrong family).
+    warned_family: BTreeSet<String>,
+}
+
+impl Svc {
+    fn backend(&self, addr: SocketAddr, flags: u8) -> Backend {
+        // dsr: backends receive the VIP's port.
+        let port = match self.mode {
+            config::Mode::Nat => addr.port(),
+            config::Mode::Dsr => self.port,
+        };
+        Backend {
+            addr: addr_words(addr.ip()),
+            port: port.to_be(),
+            family: family(addr.ip()),
+            flags,
+        }
+    }
+
+    fn status(&self) -> ServiceStatus {
+        ServiceStatus {
+            name: self.name.clone(),
+            group: self.group.clone(),
+            id: self.id,
+            scoreboard: match &self.source {
+                Source::Static => None,
+                Source::Scoreboard { name, .. } => Some(name.clone()),
+            },
+            generation: self.generation,
+            held: self.held,
+            malformed: self.malformed.clone(),
+            publish_pending: self.pending,
+            skipped_entries: self.skipped,
+            table: self
+                .published
+                .iter()
+                .map(|m| BackendStatus {
+                    instance: m.key.clone(),
+                    addr: m.addr,
+                    id: Some(m.id),
+                    weight: m.weight,
+                    target: m.target,
+                })
+                .collect(),
+            draining: self.draining.clone(),
+            last_publish: self.last_publish,
+        }
+    }
+}
+
+/// The loaded, attached daemon, before or while it runs.
+pub struct Daemon {
+    config: Config,
+    lb: Balancer,
+    attachment: Option<Attachment>,
+    svcs: Vec<Svc>,
+    ids: BackendIds,
+    /// What each backend id holds, as written (to write only changes).
+    written: HashMap<u32, Backend>,
+    reader: Option<ScoreboardReader>,
+    /// Scoreboard names read every refresh (unique, sorted).
+    sb_names: Vec<String>,
+    redis: RedisState,
+    /// Kind of the last read error (to warn once per change).
+    last_error_class: Option<std::mem::Discriminant<ScoreboardError>>,
+    reads_ok: u64,
+    reads_failed: u64,
+    refreshes: u64,
+    last_refresh: Option<Duration>,
+    status: StatusHandle,
+}
+
+impl Daemon {
+    /// Loads the program with the config's sizes, attaches it (see
+    /// [`attach::attach_or_reuse`]; in the calling thread's network
+    /// namespace) and publishes the static services. Nothing is read from
+    /// Redis yet.
+    pub fn new(config: Config, opts: &RunOptions) -> Result<Self> {
+        let span = info_span!("lb", name = %config.name);
+        let _e = span.enter();
+        let mut lb = Balancer::load(&config.load_options())
+            .context("loading the XDP program (is the object built? `cargo xtask build-ebpf`)")?;
+        let attachment = attach::attach_or_reuse(&mut lb, &config, opts.force)?;
+        let policy = config.policy();
+        policy
+            .validate()
+            .map_err(|e| anyhow!("weights.{e}"))
+            .context("invalid weight policy")?;
+        let mut svcs = Vec::new();
+        for (i, (group, s)) in config.services().enumerate() {
+            let id = u32::try_from(i).context("too many services")?;
+            let source = if s.is_static() {
+                Source::Static
+            } else {
+                Source::Scoreboard {
+                    name: s.scoreboard_name().to_string(),
+                    weights: ServiceWeights::new(policy),
+                }
+            };
+            svcs.push(Svc {
+                name: s.name.clone(),
+                group: group.name.clone(),
+                id,
+                key: s.key(),
+                mode: s.mode,
+                vip: s.vip,
+                port: s.port,
+                table_size: s.table_size,
+                source,
+                ids: BTreeMap::new(),
+                published: Vec::new(),
+                generation: 0,
+                last_publish: None,
+                held: false,
+                malformed: None,
+                pending: false,
+                skipped: 0,
+                draining: Vec::new(),
+                warned_family: BTreeSet::new(),
+            });
+        }
+        let sb_names: Vec<String> = svcs
+            .iter()
+            .filter_map(|s| match &s.source {
+                Source::Scoreboard { name, .. } => Some(name.clone()),
+                Source::Static => None,
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let reader = if sb_names.is_empty() {
+            None
+        } else {
+            Some(
+                ScoreboardReader::new(
+                    config.scoreboard.redis_url.as_str(),
+                    ReaderOptions::default(),
+                )
+                .context("scoreboard.redis_url")?,
+            )
+        };
+        let ids = BackendIds::new(
+            config.datapath.max_backends,
+            ids::quarantine_for(config.scoreboard.ttl),
+        );
+        let mut d = Daemon {
+            config,
+            lb,
+            attachment: Some(attachment),
+            svcs,
+            ids,
+            written: HashMap::new(),
+            reader,
+            sb_names,
+            redis: RedisState::Unknown,
+            last_error_class: None,
+            reads_ok: 0,
+            reads_failed: 0,
+            refreshes: 0,
+            last_refresh: None,
+            status: StatusHandle::default(),
+        };
+        d.publish_static()?;
+        d.update_status();
+        Ok(d)
+    }
+
+    /// A shared view of the status, updated after every refresh.
+    pub fn status_handle(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// The balancer (maps, counters).
+    pub fn balancer(&mut self) -> &mut Balancer {
+        &mut self.lb
+    }
+
+    /// Runs the refresh loop until `shutdown` completes, then detaches.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let span = info_span!("lb", name = %self.config.name);
+        async move {
+            let mut refresh = tokio::time::interval(self.config.scoreboard.refresh_interval);
+            refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut hops = tokio::time::interval(NEXT_HOP_REFRESH);
+            hops.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            let mut hops_failing = false;
+            tokio::pin!(shutdown);
+            info!(
+                services = self.svcs.len(),
+                scoreboard_services = self.sb_names.len(),
+                refresh = ?self.config.scoreboard.refresh_interval,
+                "running"
+            );
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut shutdown => break,
+                    _ = refresh.tick() => self.refresh().await,
+                    _ = hops.tick() => match self.refresh_hops() {
+                        Ok(()) if hops_failing => {
+                            hops_failing = false;
+                            info!("refreshing next hops works again");
+                        }
+                        Ok(()) => {}
+                        Err(e) if !hops_failing => {
+                            hops_failing = true;
+                            warn!("refreshing next hops: {e}");
+                        }
+                        Err(_) => {}
+                    },
+                }
+            }
+            self.stop();
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Invalidates the cached next hops; updates the status (counters) too,
+    /// for daemons without scoreboard services.
+    fn refresh_hops(&mut self) -> Result<(), crate::BalancerError> {
+        if self.reader.is_none() {
+            self.update_status();
+        }
+        self.lb.refresh_next_hops()
+    }
+
+    /// Detaches from every interface.
+    fn stop(&mut self) {
+        if let Some(a) = self.attachment.take() {
+            attach::detach(&mut self.lb, a);
+        }
+    }
+
+    fn publish_static(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let Daemon {
+            config,
+            lb,
+            svcs,
+            ids,
+            written,
+            ..
+        } = self;
+        for (svc, (_, s)) in svcs.iter_mut().zip(config.services()) {
+            if !matches!(svc.source, Source::Static) {
+                continue;
+            }
+            let mut members = Vec::new();
+            for b in &s.backends {
+                let addr = SocketAddr::new(b.address.ip, b.address.port.unwrap_or(s.port));
+                let id = backend_id(svc, ids, addr, now)
+                    .with_context(|| format!("service {}: no free backend id", svc.name))?;
+                write_backend(lb, written, id, svc.backend(addr, BACKEND_ACTIVE))?;
+                members.push(Member {
+                    key: b.address.to_string(),
+                    addr,
+                    id,
+                    weight: b.weight,
+                    target: b.weight,
+                });
+            }
+            let took = publish(lb, svc, members)
+                .with_context(|| format!("publishing static service {}", svc.name))?;
+            info!(service = %svc.name, backends = s.backends.len(), ?took, "published static table");
+        }
+        Ok(())
+    }
+
+    /// One refresh: read, update weights, publish what changed.
+    async fn refresh(&mut self) {
+        let Some(reader) = self.reader.as_mut() else {
+            return;
+        };
+        let started = Instant::now();
+        let read = reader.read(&self.sb_names).await;
+        match read {
+            Err(e) => {
+                self.reads_failed += 1;
+                self.read_failed(&e);
+            }
+            Ok(snap) => {
+                self.reads_ok += 1;
+                if let RedisState::Down { since, .. } = &self.redis {
+                    let down = SystemTime::now().duration_since(*since).unwrap_or_default();
+                    info!(
+                        outage = ?down,
+                        "scoreboard readable again: following it again"
+                    );
+                }
+                self.redis = RedisState::Up;
+                self.last_error_class = None;
+                let now_ms = now_ms();
+                let now = Instant::now();
+                for i in 0..self.svcs.len() {
+                    let Source::Scoreboard { name, .. } = &self.svcs[i].source else {
+                        continue;
+                    };
+                    match snap.services.get(name.as_str()) {
+                        Some(Ok(s)) => {
+                            if let Some(m) = self.svcs[i].malformed.take() {
+                                info!(service = %self.svcs[i].name, "scoreboard data usable again (was: {m})");
+                            }
+                            self.apply(i, s, now_ms, now);
+                        }
+                        Some(Err(m)) => {
+                            let msg = format!("{}: {}", m.key, m.detail);
+                            let svc = &mut self.svcs[i];
+                            if svc.malformed.as_ref() != Some(&msg) {
+                                warn!(service = %svc.name, "scoreboard data unusable, keeping the last table: {msg}");
+                            }
+                            svc.malformed = Some(msg);
+                        }
+                        None => {
+                            // The reader answers every name asked for.
+                            warn!(service = %self.svcs[i].name, "service missing from the scoreboard read");
+                        }
+                    }
+                }
+            }
+        }
+        self.refreshes += 1;
+        self.last_refresh = Some(started.elapsed());
+        self.update_status();
+    }
+
+    fn read_failed(&mut self, e: &ScoreboardError) {
+        let class = std::mem::discriminant(e);
+        match &mut self.redis {
+            RedisState::Down { error, .. } => {
+                // Warn again only when the kind of failure changes.
+                if self.last_error_class != Some(class) {
+                    warn!("scoreboard still unreadable, now: {e}; forwarding with the last tables");
+                }
+                *error = e.to_string();
+            }
+            _ => {
+                warn!("scoreboard unreadable: {e}; forwarding with the last tables, retrying with backoff");
+                self.redis = RedisState::Down {
+                    since: SystemTime::now(),
+                    error: e.to_string(),
+                };
+            }
+        }
+        self.last_error_class = Some(class);
+    }
+}
+
+impl Daemon {
+    /// Folds one successful read of service `i` into its weights and
+    /// reconciles its backends and table (see the module docs for the order).
+    fn apply(&mut self, i: usize, snap: &ServiceSnapshot, now_ms: i64, now: Instant) {
+        let Daemon {
+            lb,
+            svcs,
+            ids,
+            written,
+            ..
+        } = self;
+        let svc = &mut svcs[i];
+        let snap = same_family(svc, snap);
+        svc.skipped = snap.skipped_count();
+        let Source::Scoreboard { weights, .. } = &mut svc.source else {
+            return;
+        };
+        let d = weights.update(&snap, now_ms);
+        if d.held {
+            if !svc.held {
+                warn!(
+                    service = %svc.name,
+                    "no instance has reported within the TTL: holding the table as published"
+                );
+            }
+            svc.held = true;
+            return;
+        }
+        if svc.held {
+            info!(service = %svc.name, "fresh reports again: the table follows the scoreboard again");
+            svc.held = false;
+        }
+
+        // 1. Ids for the table, written active before any table points at them.
+        let mut members = Vec::with_capacity(d.weights.len());
+        let mut missing_id = None;
+        for w in &d.weights {
+            match backend_id(svc, ids, w.addr.socket, now) {
+                Some(id) => {
+                    if let Err(e) =
+                        write_backend(lb, written, id, svc.backend(w.addr.socket, BACKEND_ACTIVE))
+                    {
+                        warn!(service = %svc.name, instance = %w.instance, "writing backend {id}: {e:#}");
+                    }
+                    members.push(Member {
+                        key: w.instance.clone(),
+                        addr: w.addr.socket,
+                        id,
+                        weight: w.weight,
+                        target: w.target,
+                    });
+                }
+                None => missing_id = Some(w.instance.clone()),
+            }
+        }
+
+        // 2. The table.
+        if d.rebuild || svc.pending {
+            let result = match &missing_id {
+                Some(inst) => Err(anyhow!(
+                    "no free backend id for instance {inst} (all {} in use or quarantined)",
+                    self.config.datapath.max_backends
+                )),
+                None => publish(lb, svc, members),
+            };
+            match result {
+                Ok(took) => {
+                    if svc.pending {
+                        info!(service = %svc.name, "publishing works again");
+                    }
+                    svc.pending = false;
+                    info!(
+                        service = %svc.name,
+                        generation = svc.generation,
+                        reason = ?d.reason,
+                        ?took,
+                        weights = %weights_summary(&svc.published),
+                        draining = d.draining.len(),
+                        "published table"
+                    );
+                }
+                Err(e) => {
+                    if !svc.pending {
+                        warn!(service = %svc.name, "publishing the table failed, keeping the last one (retrying every refresh): {e:#}");
+                    }
+                    svc.pending = true;
+                }
+            }
+        } else if !svc.published.is_empty() {
+            // Targets move within the dead-band without a rebuild.
+            for m in &mut svc.published {
+                if let Some(w) = d.weights.iter().find(|w| w.instance == m.key) {
+                    m.target = w.target;
+                }
+            }
+        }
+
+        // 3. Draining instances keep their entries, flagged.
+        let in_kernel: BTreeSet<u32> = svc.published.iter().map(|m| m.id).collect();
+        let mut live: BTreeSet<SocketAddr> = d.weights.iter().map(|w| w.addr.socket).collect();
+        svc.draining.clear();
+        for dr in &d.draining {
+            let id = svc.ids.get(&dr.addr.socket).copied();
+            if let Some(id) = id {
+                if !live.contains(&dr.addr.socket) && !in_kernel.contains(&id) {
+                    let b = svc.backend(dr.addr.socket, BACKEND_ACTIVE | BACKEND_DRAINING);
+                    if let Err(e) = write_backend(lb, written, id, b) {
+                        warn!(service = %svc.name, instance = %dr.instance, "writing backend {id}: {e:#}");
+                    }
+                }
+            }
+            svc.draining.push(BackendStatus {
+                instance: dr.instance.clone(),
+                addr: dr.addr.socket,
+                id,
+                weight: 0,
+                target: 0,
+            });
+        }
+        live.extend(d.draining.iter().map(|dr| dr.addr.socket));
+
+        // 4. Retire what is gone (never what the kernel's table still holds).
+        let gone: Vec<(SocketAddr, u32)> = svc
+            .ids
+            .iter()
+            .filter(|(a, id)| !live.contains(a) && !in_kernel.contains(id))
+            .map(|(a, id)| (*a, *id))
+            .collect();
+        for (addr, id) in gone {
+            match write_backend(lb, written, id, svc.backend(addr, 0)) {
+                Ok(()) => {
+                    svc.ids.remove(&addr);
+                    ids.retire(id, now);
+                    info!(service = %svc.name, %addr, id, "backend retired");
+                }
+                Err(e) => warn!(service = %svc.name, %addr, "retiring backend {id}: {e:#}"),
+            }
+        }
+    }
+
+    fn update_status(&self) {
+        self.status.set(Status {
+            redis: self.redis.clone(),
+            reads_ok: self.reads_ok,
+            reads_failed: self.reads_failed,
+            refreshes: self.refreshes,
+            last_refresh: self.last_refresh,
+            ids_quarantined: self.ids.quarantined(),
+            ids_free: self.ids.never_used(),
+            global: self
+                .lb
+                .global_counters()
+                .map(|c| c.to_vec())
+                .unwrap_or_default(),
+            services: self.svcs.iter().map(Svc::status).collect(),
+        });
+    }
+}
+
+/// `snap` without addresses of the other family than the VIP's (such an
+/// instance is treated as unregistered, and warned about once).
+fn same_family<'a>(
+    svc: &mut Svc,
+    snap: &'a ServiceSnapshot,
+) -> std::borrow::Cow<'a, ServiceSnapshot> {
+    let v4 = svc.vip.is_ipv4();
+    let wrong = |a: &Option<crate::scoreboard::Address>| {
+        a.as_ref().is_some_and(|a| a.socket.is_ipv4() != v4)
+    };
+    if !snap.instances.values().any(|e| wrong(&e.addr)) {
+        return std::borrow::Cow::Borrowed(snap);
+    }
+    let mut s = snap.clone();
+    for (id, e) in s.instances.iter_mut() {
+        if wrong(&e.addr) {
+            if svc.warned_family.insert(id.clone()) {
+                warn!(service = %svc.name, instance = %id, vip = %svc.vip, "instance address is of another family than the VIP: ignored");
+            }
+            e.addr = None;
+        }
+    }
+    std::borrow::Cow::Owned(s)
+}
+
+/// The id of `addr` in `svc`, allocating one if it has none.
+fn backend_id(svc: &mut Svc, ids: &mut BackendIds, addr: SocketAddr, now: Instant) -> Option<u32> {
+    if let Some(&id) = svc.ids.get(&addr) {
+        return Some(id);
+    }
+    let id = ids.allocate(now)?;
+    svc.ids.insert(addr, id);
+    debug!(service = %svc.name, %addr, id, "backend id allocated");
+    Some(id)
+}
+
+/// Writes backend `id` unless it already holds `b`.
+fn write_backend(
+    lb: &mut Balancer,
+    written: &mut HashMap<u32, Backend>,
+    id: u32,
+    b: Backend,
+) -> Result<()> {
+    if written.get(&id) == Some(&b) {
+        return Ok(());
+    }
+    lb.set_backend(id, b)?;
+    written.insert(id, b);
+    Ok(())
+}
+
+/// Builds `members`' table into the service's inactive buffer and flips to
+/// it. Returns the build + swap time.
+fn publish(lb: &mut Balancer, svc: &mut Svc, members: Vec<Member>) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    ensure!(!members.is_empty(), "refusing to publish an empty table");
+    let n = members.iter().filter(|m| m.weight > 0).count();
+    ensure!(
+        n <= svc.table_size as usize,
+        "{n} backends do not fit in a table of {} slots (raise table_size)",
+        svc.table_size
+    );
+    let new: Vec<MaglevBackend> = members
+        .iter()
+        .map(|m| MaglevBackend::new(m.key.as_str(), m.id, m.weight))
+        .collect();
+    // A failed build flips nothing: the service keeps its table.
+    lb.publish_with(svc.key, svc.id, svc.mode.code(), svc.table_size, |buf| {
+        maglev::build_into(&new, buf)
+    })
+    .context("publishing the table")?;
+    svc.published = members;
+    svc.generation += 1;
+    let took = started.elapsed();
+    svc.last_publish = Some(took);
+    Ok(took)
+}
+
+fn weights_summary(members: &[Member]) -> String {
+    members
+        .iter()
+        .map(|m| format!("{}={}", m.key, m.weight))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Milliseconds since the Unix epoch, the clock the scoreboard uses.
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A daemon running on a thread of its own (see [`Daemon::start`]). Dropping
+/// the handle stops the daemon and waits for it to detach.
+pub struct DaemonHandle {
+    status: StatusHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Daemon {
+    /// Starts the daemon on a new thread with its own single-threaded tokio
+    /// runtime, and returns once it is loaded, attached and its static tables
+    /// are published (or with the error that stopped it). The thread starts
+    /// in the calling thread's network namespace, so a caller that entered a
+    /// namespace gets a daemon that lives there: attached to its interfaces,
+    /// talking to Redis through its loopback.
+    pub fn start(config: Config, opts: RunOptions) -> Result<DaemonHandle> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<StatusHandle>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("headroom-lb".into())
+            .spawn(move || -> Result<()> {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow!("building the runtime: {e}")));
+                        return Ok(());
+                    }
+                };
+                // Inside the runtime: the reader and intervals need it.
+                let daemon = match rt.block_on(async { Daemon::new(config, &opts) }) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                let _ = ready_tx.send(Ok(daemon.status_handle()));
+                rt.block_on(daemon.run_until(async move {
+                    // A dropped sender stops the daemon too.
+                    let _ = stop_rx.await;
+                }))
+            })
+            .context("spawning the daemon thread")?;
+        match ready_rx.recv() {
+            Ok(Ok(status)) => Ok(DaemonHandle {
+                status,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => match thread.join() {
+                Ok(r) => r.and(Err(anyhow!("the daemon thread ended during setup"))),
+                Err(_) => Err(anyhow!("the daemon thread panicked during setup")),
+            },
+        }
+    }
+}
+
+impl DaemonHandle {
+    /// The daemon's current status.
+    pub fn status(&self) -> Status {
+        self.status.get()
+    }
+
+    /// A shared view of the status.
+    pub fn status_handle(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// Stops the daemon (it detaches) and waits for its thread.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow!("the daemon thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DaemonHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_and_join() {
+            eprintln!("stopping the daemon: {e:#}");
+        }
+    }
+}
