@@ -179,6 +179,28 @@ impl Ctx {
             .expect("publish");
     }
 
+    /// A TCP SYN that opens a flow to backend `bi` behind fx1: redirected,
+    /// a new flow of `service` on backend id `bid`.
+    fn new_flow(
+        &mut self,
+        what: &str,
+        syn: &Desc,
+        bi: u8,
+        nat: bool,
+        service: u32,
+        bid: u32,
+    ) -> Result<(), String> {
+        let want = syn.to_backend(bi, nat).frame();
+        self.step(
+            what,
+            &syn.frame(),
+            self.fx0,
+            Expect::Out(XDP_REDIRECT, want),
+            &[REDIRECT, CT_MISS, MISS_SYN],
+            fwd(service, bid),
+        )
+    }
+
     fn set_backend_flags(&mut self, id: u32, flags: u8) {
         let mut b: Backend = self.lb.backend(id).expect("backend");
         b.flags = flags;
@@ -469,14 +491,7 @@ fn cases() -> Vec<Case> {
             name,
             Box::new(move |c: &mut Ctx| {
                 let syn = Desc::tcp(vip, 40001, port, SYN);
-                c.step(
-                    "SYN",
-                    &syn.frame(),
-                    c.fx0,
-                    Expect::Out(XDP_REDIRECT, syn.to_backend(bi, nat).frame()),
-                    &[REDIRECT, CT_MISS, MISS_SYN],
-                    fwd(svc, bid),
-                )?;
+                c.new_flow("SYN", &syn, bi, nat, svc, bid)?;
                 let ack = Desc::tcp(vip, 40001, port, ACK | PSH);
                 c.step(
                     "ACK",
@@ -939,14 +954,7 @@ fn cases() -> Vec<Case> {
         Box::new(|c: &mut Ctx| {
             let mut d = Desc::tcp(v4(VIP4), 40050, 80, SYN);
             d.ip_options = vec![0x94, 0x04, 0x00, 0x00]; // router alert
-            c.step(
-                "SYN",
-                &d.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, d.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 0),
-            )
+            c.new_flow("SYN", &d, 0, true, SVC_TCP4_NAT, 0)
         }),
     ));
     v.push((
@@ -1004,14 +1012,7 @@ fn cases() -> Vec<Case> {
         Box::new(|c: &mut Ctx| {
             let mut d = Desc::tcp(v4(VIP4), 40053, 80, SYN);
             d.vlan = Some(100);
-            c.step(
-                "SYN",
-                &d.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, d.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 0),
-            )
+            c.new_flow("SYN", &d, 0, true, SVC_TCP4_NAT, 0)
         }),
     ));
     v.push((
@@ -1095,14 +1096,7 @@ fn cases() -> Vec<Case> {
                     10 + u32::from(bi)
                 };
                 let syn = Desc::tcp(vip, 40060, port, SYN);
-                c.step(
-                    "SYN",
-                    &syn.frame(),
-                    c.fx0,
-                    Expect::Out(XDP_REDIRECT, syn.to_backend(bi, nat).frame()),
-                    &[REDIRECT, CT_MISS, MISS_SYN],
-                    fwd(svc, bid),
-                )?;
+                c.new_flow("SYN", &syn, bi, nat, svc, bid)?;
                 let quote = quote_of_reply(&syn);
                 let input = icmp_error(is4, vip, &quote, CLIENT_MAC, FX0_MAC);
                 let be: IpAddr = if is4 {
@@ -1184,14 +1178,7 @@ fn cases() -> Vec<Case> {
         "affinity: a flow keeps its backend across a table swap",
         Box::new(|c: &mut Ctx| {
             let syn = Desc::tcp(v4(VIP4), 40070, 80, SYN);
-            c.step(
-                "SYN",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 0),
-            )?;
+            c.new_flow("SYN", &syn, 0, true, SVC_TCP4_NAT, 0)?;
             c.fill(SVC_TCP4_NAT, 1);
             let ack = Desc::tcp(v4(VIP4), 40070, 80, ACK);
             c.step(
@@ -1203,28 +1190,14 @@ fn cases() -> Vec<Case> {
                 hit(SVC_TCP4_NAT, 0),
             )?;
             let other = Desc::tcp(v4(VIP4), 40071, 80, SYN);
-            c.step(
-                "new flow after swap",
-                &other.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, other.to_backend(1, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 1),
-            )
+            c.new_flow("new flow after swap", &other, 1, true, SVC_TCP4_NAT, 1)
         }),
     ));
     v.push((
         "removed backend: its flows are re-selected",
         Box::new(|c: &mut Ctx| {
             let syn = Desc::tcp(v6(VIP6), 40072, 80, SYN);
-            c.step(
-                "SYN",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP6_NAT, 10),
-            )?;
+            c.new_flow("SYN", &syn, 0, true, SVC_TCP6_NAT, 10)?;
             c.fill(SVC_TCP6_NAT, 12);
             c.set_backend_flags(10, 0);
             let ack = Desc::tcp(v6(VIP6), 40072, 80, ACK);
@@ -1242,14 +1215,7 @@ fn cases() -> Vec<Case> {
         "draining backend keeps its flows, gets no new ones",
         Box::new(|c: &mut Ctx| {
             let syn = Desc::tcp(v4(VIP4), 40073, 443, SYN);
-            c.step(
-                "SYN",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(1, false).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_DSR, 1),
-            )?;
+            c.new_flow("SYN", &syn, 1, false, SVC_TCP4_DSR, 1)?;
             c.set_backend_flags(1, BACKEND_ACTIVE | BACKEND_DRAINING);
             c.fill(SVC_TCP4_DSR, 2);
             let ack = Desc::tcp(v4(VIP4), 40073, 443, ACK);
@@ -1262,14 +1228,7 @@ fn cases() -> Vec<Case> {
                 hit(SVC_TCP4_DSR, 1),
             )?;
             let other = Desc::tcp(v4(VIP4), 40074, 443, SYN);
-            c.step(
-                "new flow",
-                &other.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, other.to_backend(2, false).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_DSR, 2),
-            )
+            c.new_flow("new flow", &other, 2, false, SVC_TCP4_DSR, 2)
         }),
     ));
     v.push((
@@ -1331,13 +1290,13 @@ fn cases() -> Vec<Case> {
                 let d = Desc::tcp(v4(VIP4), sport, 7000, SYN);
                 let key = flow_key(d.src, sport, d.dst, 7000, PROTO_TCP);
                 let bi = table[(lb_common::flow_hash(&key) % M) as usize];
-                c.step(
+                c.new_flow(
                     &format!("SYN from {sport}"),
-                    &d.frame(),
-                    c.fx0,
-                    Expect::Out(XDP_REDIRECT, d.to_backend(bi as u8, true).frame()),
-                    &[REDIRECT, CT_MISS, MISS_SYN],
-                    fwd(SVC_HASHED, bi),
+                    &d,
+                    bi as u8,
+                    true,
+                    SVC_HASHED,
+                    bi,
                 )?;
             }
             Ok(())
@@ -1375,14 +1334,7 @@ fn cases() -> Vec<Case> {
         "next-hop cache: a neighbour change is used after refresh_next_hops",
         Box::new(|c: &mut Ctx| {
             let syn = Desc::tcp(v4(VIP4), 40090, 80, SYN);
-            c.step(
-                "SYN",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 0),
-            )?;
+            c.new_flow("SYN", &syn, 0, true, SVC_TCP4_NAT, 0)?;
             let new_mac = [0x02, 0, 0, 0, 0xbe, 0x99];
             sh(&format!(
                 "ip neigh replace {} lladdr 02:00:00:00:be:99 dev fx1 nud permanent",
@@ -1422,14 +1374,7 @@ fn cases() -> Vec<Case> {
         Box::new(|c: &mut Ctx| {
             sh("ip link set dev fx1 mtu 1000")?;
             let syn = Desc::tcp(v4(VIP4), 40091, 80, SYN);
-            let r = c.step(
-                "SYN",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 0),
-            );
+            let r = c.new_flow("SYN", &syn, 0, true, SVC_TCP4_NAT, 0);
             let mut big = Desc::tcp(v4(VIP4), 40091, 80, ACK);
             big.payload = vec![0x5a; 1100];
             let r2 = c.step(
@@ -1448,23 +1393,9 @@ fn cases() -> Vec<Case> {
         "a SYN re-selects even when the tuple is tracked",
         Box::new(|c: &mut Ctx| {
             let syn = Desc::tcp(v4(VIP4), 40082, 80, SYN);
-            c.step(
-                "SYN",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(0, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 0),
-            )?;
+            c.new_flow("SYN", &syn, 0, true, SVC_TCP4_NAT, 0)?;
             c.fill(SVC_TCP4_NAT, 2);
-            c.step(
-                "SYN again (reused tuple)",
-                &syn.frame(),
-                c.fx0,
-                Expect::Out(XDP_REDIRECT, syn.to_backend(2, true).frame()),
-                &[REDIRECT, CT_MISS, MISS_SYN],
-                fwd(SVC_TCP4_NAT, 2),
-            )
+            c.new_flow("SYN again (reused tuple)", &syn, 2, true, SVC_TCP4_NAT, 2)
         }),
     ));
     v
