@@ -54,30 +54,45 @@ enum LbCmd {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // `lb run` logs at its config's level; RUST_LOG, when set, wins.
+    let lb_config = match &cli.cmd {
+        Cmd::Lb(LbCmd::Run { config, .. }) => Some(load_or_exit(config)),
+        _ => None,
+    };
+    let level = lb_config.as_ref().map_or("info", |c| c.log_level.as_str());
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
-        Cmd::Keys(a) => headroom_control::run_keys(a).await,
-        Cmd::Shim(a) => headroom_control::run_shim(*a).await,
-        Cmd::LoadReceiver(a) => headroom_control::run_load_receiver(a).await,
-        Cmd::Lb(LbCmd::CheckConfig { file }) => check_config(&file),
-        Cmd::Lb(LbCmd::Run { config, force }) => lb_run(&config, force).await,
+    match (cli.cmd, lb_config) {
+        (Cmd::Keys(a), _) => headroom_control::run_keys(a).await,
+        (Cmd::Shim(a), _) => headroom_control::run_shim(*a).await,
+        (Cmd::LoadReceiver(a), _) => headroom_control::run_load_receiver(a).await,
+        (Cmd::Lb(LbCmd::CheckConfig { file }), _) => check_config(&file),
+        (Cmd::Lb(LbCmd::Run { force, .. }), Some(config)) => lb_run(config, force).await,
+        (Cmd::Lb(LbCmd::Run { config, .. }), None) => {
+            unreachable!("{} was loaded above", config.display())
+        }
+    }
+}
+
+/// Loads a config, or prints why it is invalid and exits 1.
+fn load_or_exit(file: &std::path::Path) -> headroom::config::Config {
+    match headroom::config::Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            // A user's mistake, not a program error: no anyhow backtrace.
+            eprintln!("invalid config {}: {e}", file.display());
+            std::process::exit(1);
+        }
     }
 }
 
 /// `headroom lb run --config FILE [--force]`.
-async fn lb_run(file: &std::path::Path, force: bool) -> Result<()> {
-    let config = match headroom::config::Config::load(file) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("invalid config {}: {e}", file.display());
-            std::process::exit(1);
-        }
-    };
+async fn lb_run(config: headroom::config::Config, force: bool) -> Result<()> {
     if let Err(e) = headroom::daemon::run(config, headroom::daemon::RunOptions { force }).await {
         // Operational errors (refused interface, missing object, no
         // permission): the message chain, no backtrace.
@@ -89,15 +104,6 @@ async fn lb_run(file: &std::path::Path, force: bool) -> Result<()> {
 
 /// `headroom lb check-config FILE`: parse and validate only; no BPF, no Redis.
 fn check_config(file: &std::path::Path) -> Result<()> {
-    match headroom::config::Config::load(file) {
-        Ok(config) => {
-            print!("{}", config.summary());
-            Ok(())
-        }
-        Err(e) => {
-            // A user's mistake, not a program error: no anyhow backtrace.
-            eprintln!("invalid config {}: {e}", file.display());
-            std::process::exit(1);
-        }
-    }
+    print!("{}", load_or_exit(file).summary());
+    Ok(())
 }
