@@ -334,7 +334,12 @@ impl Daemon {
                 tokio::select! {
                     biased;
                     _ = &mut shutdown => break,
-                    _ = refresh.tick() => self.refresh().await,
+                    _ = refresh.tick() => {
+                        self.refresh().await;
+                        // The XDP program's records (only with a datapath
+                        // log_level): to the daemon's log, once per tick.
+                        self.lb.flush_logs();
+                    }
                     _ = hops.tick() => match self.refresh_hops() {
                         Ok(()) if hops_failing => {
                             hops_failing = false;
