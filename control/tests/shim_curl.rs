@@ -458,9 +458,20 @@ async fn tampered_requests_are_rejected_with_reason() {
         "{body}"
     );
 
-    // Body limit.
-    let big = "x".repeat((1 << 20) + 1);
-    let (st, body) = signed(&c, shim, "POST", "/api/x", big.as_bytes(), &e.good, SVC).await;
+    // Body limit, with curl: it sends `Expect: 100-continue` for a body this
+    // large, so the 413 arrives before the body is sent. (A client that
+    // pushes the whole body regardless may see the connection close under
+    // it: the shim does not read what it will not accept.)
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, "x".repeat((1 << 20) + 1)).unwrap();
+    let data = format!("@{}", big.display());
+    let (st, body) = curl_signed(
+        &e.good,
+        &format!("aws:amz:{REGION}:{SVC}"),
+        &["--data-binary", &data],
+        &format!("http://{shim}/api/x"),
+    );
     assert_eq!(
         (st, error_of(&body).as_str()),
         (413, "body_too_large"),
