@@ -301,22 +301,19 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
     if !syn {
         if let Some(f) = CONNTRACK.get_ptr_mut(key) {
             let id = rd(f).backend;
-            let active = BACKENDS
-                .get(id)
-                .is_some_and(|b| b.flags & BACKEND_ACTIVE != 0);
-            if !active {
-                bump(counter::CT_RESELECT);
-            } else if udp {
-                now = unsafe { bpf_ktime_get_ns() };
-                let idle = CONFIG.get(0).map_or(0, |c| c.udp_idle_timeout_ns);
-                if now.wrapping_sub(rd(f).atime_ns) > idle {
-                    bump(counter::CT_UDP_EXPIRED);
-                } else {
-                    unsafe { (*f).atime_ns = now };
-                    chosen = Some(id);
+            match active_backend(id) {
+                None => bump(counter::CT_RESELECT),
+                Some(b) if udp => {
+                    now = unsafe { bpf_ktime_get_ns() };
+                    let idle = CONFIG.get(0).map_or(0, |c| c.udp_idle_timeout_ns);
+                    if now.wrapping_sub(rd(f).atime_ns) > idle {
+                        bump(counter::CT_UDP_EXPIRED);
+                    } else {
+                        unsafe { (*f).atime_ns = now };
+                        chosen = Some((id, b));
+                    }
                 }
-            } else {
-                chosen = Some(id);
+                Some(b) => chosen = Some((id, b)),
             }
         } else if key.proto == PROTO_TCP {
             bump(counter::MISS_NON_SYN);
@@ -326,14 +323,14 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
     }
 
     let new_flow = chosen.is_none();
-    let id = match chosen {
-        Some(id) => {
+    let (id, b) = match chosen {
+        Some(hit) => {
             bump(counter::CT_HIT);
-            id
+            hit
         }
         None => {
             bump(counter::CT_MISS);
-            let Some(id) = select(svc, key) else {
+            let Some((id, b)) = select(svc, key) else {
                 return counter::DROP_NO_BACKEND;
             };
             if udp && now == 0 {
@@ -347,13 +344,9 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
             // Failure (map full of locked entries) only costs affinity.
             let _ = CONNTRACK.insert(key, &flow, 0);
             debug!(ctx, "new flow: service {} -> backend {}", svc.id, id);
-            id
+            (id, b)
         }
     };
-    let Some(b) = BACKENDS.get(id) else {
-        return counter::DROP_NO_BACKEND;
-    };
-    let b = *b;
     let nat = svc.mode == MODE_NAT;
     let hop = resolve(ctx, NEXTHOPS.get_ptr_mut(id), pkt.ip_len, || {
         let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
@@ -399,7 +392,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
 
 /// The backend of a new flow: `table[flow_hash % M]` of the active buffer.
 #[inline(always)]
-fn select(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
+fn select(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
     if svc.table_size == 0 {
         return None;
     }
@@ -408,8 +401,14 @@ fn select(svc: &ServiceValue, key: &FlowKey) -> Option<u32> {
     if id == NO_BACKEND {
         return None;
     }
-    let b = BACKENDS.get(id)?;
-    (b.flags & BACKEND_ACTIVE != 0).then_some(id)
+    Some((id, active_backend(id)?))
+}
+
+/// Backend `id`, if it is in use (removed ones are not).
+#[inline(always)]
+fn active_backend(id: u32) -> Option<Backend> {
+    let b = *BACKENDS.get(id)?;
+    (b.flags & BACKEND_ACTIVE != 0).then_some(b)
 }
 
 /// A reply from a nat backend: source back to the VIP, then to the client.
@@ -731,8 +730,7 @@ fn tracked(key: &FlowKey) -> Option<(ServiceValue, Backend)> {
     };
     let svc = *unsafe { SERVICES.get(&skey) }?;
     let f = unsafe { CONNTRACK.get(key) }?;
-    let b = *BACKENDS.get(f.backend)?;
-    (b.flags & BACKEND_ACTIVE != 0).then_some((svc, b))
+    Some((svc, active_backend(f.backend)?))
 }
 
 #[inline(always)]
