@@ -95,18 +95,7 @@ impl Gate {
             }
         };
         let path = crate::authz::decoded_path(parts.uri.path()).map_err(|r| reject(&r))?;
-        let headers: Vec<(&str, &str)> = parts
-            .headers
-            .iter()
-            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
-            .collect();
-        let rp = RequestParts {
-            method: parts.method.as_str(),
-            path: parts.uri.path(),
-            query: parts.uri.query().unwrap_or(""),
-            headers,
-            body: &body,
-        };
+        let rp = RequestParts::from_http(&parts, &body);
         let now = crate::sigv4::unix_now();
         let principal = self
             .state

@@ -322,11 +322,10 @@ async fn register_loop(redis: String, service: String, instance: String, addr: S
     }
 }
 
-pub(crate) async fn serve_with<F, Fut>(
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    handler: F,
-) where
+/// Accept loop shared by the shim and the load-receiver: HTTP/1.1
+/// keep-alive, TCP_NODELAY, one task per connection, until `stop` changes.
+pub async fn serve_with<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {

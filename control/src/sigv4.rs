@@ -475,7 +475,23 @@ pub struct RequestParts<'a> {
     pub body: &'a [u8],
 }
 
-impl RequestParts<'_> {
+impl<'a> RequestParts<'a> {
+    /// The parts of an HTTP request the verifier reads (headers that are not
+    /// valid UTF-8 are left out: they cannot be signed over).
+    pub fn from_http(parts: &'a hyper::http::request::Parts, body: &'a [u8]) -> Self {
+        Self {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            headers: parts
+                .headers
+                .iter()
+                .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+                .collect(),
+            body,
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

@@ -66,7 +66,6 @@
 
 use std::{
     collections::HashMap,
-    convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     process::Command,
@@ -89,8 +88,6 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
 use hyper::{
     body::Incoming,
     header::{HeaderMap, HeaderName, HeaderValue},
-    server::conn::http1,
-    service::service_fn,
     Method, Request, Response, StatusCode, Uri,
 };
 use hyper_util::{
@@ -777,32 +774,14 @@ fn status_only(code: u16) -> Response<Body> {
     r
 }
 
-/// Accept loop: HTTP/1.1 keep-alive, TCP_NODELAY (as the shim does).
+/// The shim's own accept loop, running until the process ends.
 async fn serve<F, Fut>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(x) => x,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let h = handler.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let h = h.clone();
-                async move { Ok::<_, Infallible>(h(req).await) }
-            });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    let (_keep, never) = tokio::sync::watch::channel(false);
+    headroom_control::shim::serve_with(listener, never, handler).await
 }
 
 /// The auth service of the criticised pattern: every check reads the key
@@ -840,18 +819,7 @@ async fn auth_check(svc: Arc<AuthService>, req: Request<Incoming>) -> Response<B
     let Ok(path) = decoded_path(parts.uri.path()) else {
         return status_only(400);
     };
-    let headers: Vec<(&str, &str)> = parts
-        .headers
-        .iter()
-        .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
-        .collect();
-    let rp = RequestParts {
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        query: parts.uri.query().unwrap_or(""),
-        headers,
-        body: &body,
-    };
+    let rp = RequestParts::from_http(&parts, &body);
     let Ok((parsed, _)) = sigv4::precheck(&rp, &svc.policy, sigv4::unix_now()) else {
         return status_only(401);
     };
