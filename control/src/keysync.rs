@@ -237,32 +237,19 @@ impl Follower {
         &self,
         conn: &mut MultiplexedConnection,
     ) -> Result<Step, KeyStoreError> {
-        let (gen, seq): (Option<String>, Option<u64>) = redis::pipe()
-            .cmd("GET")
-            .arg(GEN_KEY)
-            .cmd("GET")
-            .arg(SEQ_KEY)
-            .query_async(conn)
-            .await?;
+        let (gen, seq) = db_position(conn).await?;
         let Some((my_gen, my_seq, _)) = self.state.position() else {
             return Ok(Step::Resync(ResyncReason::Initial));
         };
-        let gen = gen.unwrap_or_default();
-        if gen.is_empty() {
-            return Ok(if my_gen.is_empty() {
-                Step::Continue
-            } else {
-                Step::Uninitialised
-            });
+        if let Some(step) = generation_step(&gen, &my_gen) {
+            return Ok(step);
         }
-        if gen != my_gen {
-            return Ok(Step::Resync(ResyncReason::GenerationChanged));
-        }
-        let seq = seq.unwrap_or(0);
-        if seq < my_seq {
-            return Ok(Step::Resync(ResyncReason::GenerationChanged));
-        }
-        Ok(Step::Continue)
+        // Behind is normal (events to read); ahead of the DB means it went back.
+        Ok(if seq < my_seq {
+            Step::Resync(ResyncReason::GenerationChanged)
+        } else {
+            Step::Continue
+        })
     }
 
     async fn read_events(
@@ -288,28 +275,15 @@ impl Follower {
         if entries.is_empty() {
             // Nothing new: make sure nothing was lost either (trimmed past
             // us without later entries, or the DB was replaced).
-            let (gen, seq): (Option<String>, Option<u64>) = redis::pipe()
-                .cmd("GET")
-                .arg(GEN_KEY)
-                .cmd("GET")
-                .arg(SEQ_KEY)
-                .query_async(conn)
-                .await?;
-            let gen = gen.unwrap_or_default();
-            if gen.is_empty() {
-                return Ok(if my_gen.is_empty() {
-                    Step::Continue
-                } else {
-                    Step::Uninitialised
-                });
+            let (gen, seq) = db_position(conn).await?;
+            if let Some(step) = generation_step(&gen, &my_gen) {
+                return Ok(step);
             }
-            if gen != my_gen {
-                return Ok(Step::Resync(ResyncReason::GenerationChanged));
-            }
-            if seq.unwrap_or(0) != my_seq {
-                return Ok(Step::Resync(ResyncReason::SequenceGap));
-            }
-            return Ok(Step::Continue);
+            return Ok(if seq != my_seq {
+                Step::Resync(ResyncReason::SequenceGap)
+            } else {
+                Step::Continue
+            });
         }
         let mut applied = 0usize;
         for (expected, entry) in (my_seq + 1..).zip(entries.iter()) {
@@ -377,4 +351,31 @@ fn persist(cfg: &KeySyncConfig, snap: &Snapshot) {
             warn!(path = %p.display(), error = %e, "cannot persist key snapshot");
         }
     }
+}
+
+/// The permission DB's generation and last sequence number, in one round
+/// trip ("" and 0 when the DB has none).
+async fn db_position(conn: &mut MultiplexedConnection) -> Result<(String, u64), KeyStoreError> {
+    let (gen, seq): (Option<String>, Option<u64>) = redis::pipe()
+        .cmd("GET")
+        .arg(GEN_KEY)
+        .cmd("GET")
+        .arg(SEQ_KEY)
+        .query_async(conn)
+        .await?;
+    Ok((gen.unwrap_or_default(), seq.unwrap_or(0)))
+}
+
+/// What the DB's generation says of ours: `None` when they match and the
+/// sequence number decides.
+fn generation_step(gen: &str, my_gen: &str) -> Option<Step> {
+    if gen.is_empty() {
+        // A DB without permission data yet (or wiped): nothing to follow.
+        return Some(if my_gen.is_empty() {
+            Step::Continue
+        } else {
+            Step::Uninitialised
+        });
+    }
+    (gen != my_gen).then_some(Step::Resync(ResyncReason::GenerationChanged))
 }
