@@ -42,6 +42,31 @@ pub fn require_root(test_name: &str) -> bool {
     false
 }
 
+/// Pins the calling thread to one CPU. BPF_PROG_TEST_RUN runs on the
+/// caller's CPU, so tests and benchmarks that read per-CPU state (the
+/// next-hop cache, per-CPU counters) must not migrate between runs.
+pub fn pin_thread_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+    // sched_setaffinity(0 = this thread) only read and write that set.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("pinning this thread to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
+
+/// The CPU the calling thread runs on now.
+pub fn current_cpu() -> Result<usize> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    usize::try_from(cpu)
+        .map_err(|_| anyhow::anyhow!("sched_getcpu: {}", std::io::Error::last_os_error()))
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked
 /// it). Another process may take it before the caller binds it; callers
 /// that start servers retry.

@@ -13,7 +13,7 @@ use std::{
 
 use etherparse::{IpNumber, PacketBuilder};
 use headroom::LoadOptions;
-use headroom_tests::{fixture_env::*, packets::*, require_root};
+use headroom_tests::{current_cpu, fixture_env::*, packets::*, pin_thread_to_cpu, require_root};
 use lb_common::{
     counter, Backend, Counters, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING, MODE_DSR, MODE_NAT,
     NO_BACKEND, PROTO_TCP, PROTO_UDP,
@@ -1417,6 +1417,10 @@ fn root_packet_fixtures() {
         FixtureEnv::new(&opts).expect("fixture namespace and balancer");
     let mut ctx = Ctx { lb, fx0, fx1 };
     let _inside = ns.enter_thread().expect("enter the fixture namespace");
+    // The next-hop cache is per CPU: every case must run on the CPU that
+    // filled it, or a "cached" step would ask the FIB afresh.
+    let cpu = current_cpu().expect("sched_getcpu");
+    pin_thread_to_cpu(cpu).expect("pin the fixture thread");
     let cases = cases();
     assert!(cases.len() >= 40, "only {} fixture cases", cases.len());
     let mut failures = Vec::new();

@@ -611,20 +611,6 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (median, s[0], s[n - 1])
 }
 
-fn pin_to(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
-    // sched_setaffinity(0 = this thread) only read and write that set.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("pinning to CPU {cpu}"));
-        }
-    }
-    Ok(())
-}
-
 /// Number of CPUs in a sysfs list like `0-1,4`.
 fn count_cpus(list: &str) -> usize {
     list.trim()
@@ -737,7 +723,7 @@ fn main() -> Result<()> {
     debug_assert_eq!(fams[1].keys[0].family, FAMILY_V6);
     debug_assert_eq!(fams[0].keys[0].dst, words(VIP4.into()));
 
-    pin_to(cpu)?;
+    headroom_tests::pin_thread_to_cpu(cpu)?;
     let mut bench = Bench {
         lbs,
         fams,
