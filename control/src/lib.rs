@@ -15,6 +15,7 @@ pub mod keystore;
 pub mod keysync;
 pub mod load_receiver;
 pub mod load_report;
+pub mod node_report;
 pub mod scoreboard;
 pub mod shim;
 pub mod sigv4;
