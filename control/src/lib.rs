@@ -16,6 +16,7 @@ pub mod keysync;
 pub mod load_receiver;
 pub mod load_report;
 pub mod node_report;
+pub mod scaling;
 pub mod scoreboard;
 pub mod shim;
 pub mod sigv4;
