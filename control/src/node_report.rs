@@ -3,7 +3,7 @@
 //! (`agent`) and the receiver (`machine_manager`) so the two cannot drift.
 //!
 //! Transport: `POST {NODE_REPORT_PATH}` with this struct as a JSON body,
-//! SigV4-signed by the node's own principal (`node:<name>`, see
+//! SigV4-signed by the node's own principal (`node-<name>`, see
 //! [`node_principal`]); the machine-manager answers 204, or 4xx with a reason.
 
 use serde::{Deserialize, Serialize};
@@ -14,9 +14,10 @@ pub const NODE_REPORT_PATH: &str = "/v1/node-reports";
 /// SigV4 service name used in the credential scope of node reports.
 pub const NODE_REPORT_SERVICE: &str = "machine-manager";
 
-/// The principal a node signs its reports with.
+/// The principal a node signs its reports with (`node-<name>`: principal
+/// names are `[A-Za-z0-9._-]`, keystore::valid_name).
 pub fn node_principal(node: &str) -> String {
-    format!("node:{node}")
+    format!("node-{node}")
 }
 
 /// One node's resource use at one moment.
