@@ -13,13 +13,17 @@ pub mod cli;
 pub mod gate;
 pub mod keystore;
 pub mod keysync;
+pub mod lease;
 pub mod load_receiver;
 pub mod load_report;
+pub mod machine_manager;
 pub mod node_report;
 pub mod scaling;
 pub mod scoreboard;
 pub mod shim;
 pub mod sigv4;
+pub mod registry;
+pub mod agent;
 
 pub use cli::run_keys;
 pub use load_receiver::run_load_receiver;
