@@ -7,9 +7,11 @@
 //! [`shim::run_shim`], [`load_receiver::run_load_receiver`], with the clap
 //! types [`cli::KeysArgs`], [`cli::ShimArgs`], [`cli::LoadReceiverArgs`].
 
+pub mod agent;
 pub mod authz;
 pub mod bench;
 pub mod cli;
+pub mod container_manager;
 pub mod gate;
 pub mod keystore;
 pub mod keysync;
@@ -18,12 +20,11 @@ pub mod load_receiver;
 pub mod load_report;
 pub mod machine_manager;
 pub mod node_report;
+pub mod registry;
 pub mod scaling;
 pub mod scoreboard;
 pub mod shim;
 pub mod sigv4;
-pub mod registry;
-pub mod agent;
 
 pub use cli::run_keys;
 pub use load_receiver::run_load_receiver;

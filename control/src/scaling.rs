@@ -121,12 +121,11 @@ impl LoadWindow {
     /// samples older than the window.
     pub fn push(&mut self, at: Duration, avg: f64) {
         self.samples.push_back((at, avg));
-        while let Some(&(t, _)) = self.samples.front() {
-            if at.saturating_sub(t) > self.window {
-                self.samples.pop_front();
-            } else {
-                break;
-            }
+        // Keep the newest sample at or before the window's start: dropping
+        // it would leave the samples spanning less than the window whenever
+        // the report spacing exceeds the 10 % coverage slack in `mean`.
+        while self.samples.len() >= 2 && at.saturating_sub(self.samples[1].0) >= self.window {
+            self.samples.pop_front();
         }
     }
 
@@ -511,6 +510,22 @@ mod tests {
         assert_eq!(w.mean(), Some(10.0));
         w.clear();
         assert_eq!(w.mean(), None);
+    }
+
+    #[test]
+    fn window_is_covered_when_rounds_are_a_large_part_of_it() {
+        // Rounds every 260 ms with a 1 s window: the samples must still
+        // cover the window once a second of reports exists.
+        let mut w = LoadWindow::new(Duration::from_secs(1));
+        let mut covered = false;
+        for i in 0..20u64 {
+            w.push(Duration::from_millis(i * 260), 50.0);
+            covered |= w.mean().is_some();
+            if i >= 4 {
+                assert_eq!(w.mean(), Some(50.0), "round {i}");
+            }
+        }
+        assert!(covered);
     }
 
     #[test]

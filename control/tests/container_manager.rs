@@ -1,0 +1,633 @@
+//! `headroom container-manager` against a real redis-server, real agents
+//! (in-process, as control/tests/agent.rs) and real instance processes: a
+//! shell script started through the registered argv template that reports
+//! `backlog / backends` to the scoreboard with redis-cli, the backlog being
+//! a file the test writes.
+//!
+//! 1. Under load the service scales from min to `predicted_replicas`, and
+//!    back to min; never outside [min, max]; no action inside warm-up or
+//!    cool-down; drained instances leave the balancer before they stop.
+//! 2. A queue-bound service (flat CPU, growing backlog) is scaled on its
+//!    custom metric, while the same policy fed with the instances' CPU %
+//!    (from /proc/PID/stat) never asks for more.
+//! 3. A manager killed during a scale-up, then replaced, loses no instance
+//!    and starts no duplicate.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use headroom_control::agent::supervise::State;
+use headroom_control::agent::{start_agent, AgentArgs, AgentHandle, AGENT_SERVICE};
+use headroom_control::container_manager::state::{
+    instances_key, DecisionRecord, InstanceRecord, Phase, DECISIONS_KEY,
+};
+use headroom_control::container_manager::{
+    parse_agent, start_container_manager, ContainerManagerArgs,
+};
+use headroom_control::keystore::{Grant, KeyStore};
+use headroom_control::registry::{parse_services, Registry};
+use headroom_control::scaling::{decide, Decision, LoadWindow, Observation, ScalingPolicy, Timing};
+use headroom_control::scoreboard::addr_key;
+
+const WARM_MS: i64 = 1000;
+const COOL_MS: i64 = 1000;
+
+/// The instance: every 200 ms, load = min(100, backlog / backends) where
+/// backlog is the file's number and backends the balancer's addr count.
+const INSTANCE_SH: &str = r#"#!/bin/sh
+# usage: inst.sh ID SERVICE REDIS_PORT BACKLOG_FILE PORT
+ID="$1"; S="$2"; RP="$3"; F="$4"
+i=0
+while [ "$i" -lt 1500 ]; do
+  T=$(/bin/cat "$F" 2>/dev/null)
+  N=$(/usr/bin/redis-cli -p "$RP" HLEN "headroom:sb:{$S}:addr")
+  L=$(/usr/bin/awk -v t="${T:-0}" -v n="${N:-1}" 'BEGIN { if (n < 1) n = 1; l = t / n; if (l > 100) l = 100; printf "%.2f", l }')
+  NOW=$(/bin/date +%s%3N)
+  printf 'ZADD headroom:sb:{%s}:load %s %s\nZADD headroom:sb:{%s}:seen %s %s\n' "$S" "$L" "$ID" "$S" "$NOW" "$ID" | /usr/bin/redis-cli -p "$RP" >/dev/null
+  /bin/sleep 0.2
+  i=$((i+1))
+done
+"#;
+
+struct Env {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    cm: Creds,
+    agents: Vec<(String, AgentHandle)>,
+}
+
+fn service_toml(name: &str, min: u32, max: u32, dir: &Path, port: u16) -> String {
+    let d = dir.display();
+    format!(
+        r#"
+[[service]]
+name = "{name}"
+min = {min}
+max = {max}
+load_balanced = true
+lb = {{ service = "{name}", port_param = "port" }}
+warm_up_secs = {w}
+cool_down_secs = {c}
+stop_grace_secs = 1
+resources = {{ cpu = 0.1, ram_mib = 16 }}
+params = {{ port = {{ type = "port", min = 20000, max = 20100 }} }}
+templates.start = {{ argv = ["/bin/sh", "{d}/inst.sh", "{{instance_id}}", "{name}", "{port}", "{d}/backlog-{name}", "{{port}}"] }}
+"#,
+        w = WARM_MS / 1000,
+        c = COOL_MS / 1000,
+    )
+}
+
+async fn env(services: &[(&str, u32, u32)]) -> Env {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("inst.sh"), INSTANCE_SH).unwrap();
+    let mut ks = KeyStore::connect(&redis.url()).await.unwrap();
+    let cm = ks.create_key("container-manager").await.unwrap();
+    ks.set_grant(
+        AGENT_SERVICE,
+        "container-manager",
+        &Grant {
+            methods: vec!["GET".into(), "POST".into(), "DELETE".into()],
+            prefixes: vec!["/v1/instances".into()],
+        },
+    )
+    .await
+    .unwrap();
+    let mut toml = String::new();
+    for (name, min, max) in services {
+        std::fs::write(dir.path().join(format!("backlog-{name}")), "0").unwrap();
+        toml.push_str(&service_toml(name, *min, *max, dir.path(), redis.port));
+    }
+    Registry::connect(&redis.url())
+        .await
+        .unwrap()
+        .register(&parse_services(&toml).unwrap())
+        .await
+        .unwrap();
+    Env {
+        redis,
+        dir,
+        cm: Creds {
+            akid: cm.access_key_id,
+            secret: cm.secret,
+        },
+        agents: Vec::new(),
+    }
+}
+
+impl Env {
+    async fn add_agent(&mut self, node: &str, listen: &str) {
+        let state = self.dir.path().join(format!("agent-{node}"));
+        let a = start_agent(AgentArgs::new(
+            node,
+            listen.parse().unwrap(),
+            &self.redis.url(),
+            state,
+        ))
+        .await
+        .unwrap();
+        self.agents.push((node.to_string(), a));
+    }
+
+    fn agent_spec(&self, node: &str) -> String {
+        let (_, a) = self.agents.iter().find(|(n, _)| n == node).unwrap();
+        format!("{node}=http://{}", a.local_addr)
+    }
+
+    fn cm_args(&self, holder: &str, agents: &[String]) -> ContainerManagerArgs {
+        ContainerManagerArgs {
+            redis: self.redis.url(),
+            agents: agents.iter().map(|a| parse_agent(a).unwrap()).collect(),
+            access_key_id: self.cm.akid.clone(),
+            secret: self.cm.secret.clone(),
+            region: REGION.into(),
+            interval: Duration::from_millis(200),
+            window: Duration::from_secs(1),
+            stale: Duration::from_secs(2),
+            lease_ttl: Duration::from_secs(2),
+            holder: Some(holder.into()),
+            services: Vec::new(),
+        }
+    }
+
+    fn set_backlog(&self, service: &str, v: f64) {
+        std::fs::write(
+            self.dir.path().join(format!("backlog-{service}")),
+            v.to_string(),
+        )
+        .unwrap();
+    }
+
+    /// Every instance any agent ever started for `service`.
+    fn agent_instances(
+        &self,
+        service: &str,
+    ) -> Vec<headroom_control::agent::supervise::InstanceRecord> {
+        self.agents
+            .iter()
+            .flat_map(|(_, a)| a.supervisor.list())
+            .filter(|r| r.service == service)
+            .collect()
+    }
+
+    fn live(&self, service: &str) -> Vec<headroom_control::agent::supervise::InstanceRecord> {
+        self.agent_instances(service)
+            .into_iter()
+            .filter(|r| matches!(r.state, State::Running | State::Stopping))
+            .collect()
+    }
+
+    fn records(&self, service: &str) -> Vec<InstanceRecord> {
+        let mut c = self.redis.conn();
+        let m: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(instances_key(service))
+            .query(&mut c)
+            .unwrap();
+        m.values()
+            .map(|v| serde_json::from_str(v).unwrap())
+            .collect()
+    }
+
+    fn backends(&self, service: &str) -> HashMap<String, String> {
+        let mut c = self.redis.conn();
+        redis::cmd("HGETALL")
+            .arg(addr_key(service))
+            .query(&mut c)
+            .unwrap()
+    }
+
+    fn decisions(&self, service: &str) -> Vec<DecisionRecord> {
+        let mut c = self.redis.conn();
+        let v: Vec<String> = redis::cmd("LRANGE")
+            .arg(DECISIONS_KEY)
+            .arg(0)
+            .arg(-1)
+            .query(&mut c)
+            .unwrap();
+        let mut d: Vec<DecisionRecord> = v
+            .iter()
+            .map(|j| serde_json::from_str(j).unwrap())
+            .filter(|d: &DecisionRecord| d.service == service)
+            .collect();
+        d.reverse();
+        d
+    }
+
+    /// Stop every instance and every agent.
+    async fn teardown(mut self) {
+        for (_, a) in &self.agents {
+            for r in a.supervisor.list() {
+                if r.state == State::Running {
+                    a.supervisor.stop(&r.instance_id).await;
+                }
+            }
+        }
+        for (_, a) in self.agents.drain(..) {
+            a.shutdown().await;
+        }
+    }
+}
+
+/// Polls until `f` holds, calling `check` on every poll (bounds).
+async fn wait_for(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut(),
+    mut f: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        check();
+        if f() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn policy(min: u32, max: u32) -> ScalingPolicy {
+    ScalingPolicy {
+        min,
+        max,
+        ..ScalingPolicy::default()
+    }
+}
+
+/// Every load-driven action respects warm-up after the previous start and
+/// cool-down after the previous stop.
+fn assert_timing(decisions: &[DecisionRecord]) {
+    let mut last_up: Option<i64> = None;
+    let mut last_down: Option<i64> = None;
+    for d in decisions.iter().filter(|d| d.action != "hold") {
+        let below_min = d.reason.contains("below min");
+        if !below_min {
+            if let Some(t) = last_up {
+                assert!(
+                    d.ts_ms - t >= WARM_MS,
+                    "{d:?} only {} ms after a start",
+                    d.ts_ms - t
+                );
+            }
+            if let Some(t) = last_down {
+                assert!(
+                    d.ts_ms - t >= COOL_MS,
+                    "{d:?} only {} ms after a stop",
+                    d.ts_ms - t
+                );
+            }
+        }
+        if d.action == "up" {
+            last_up = Some(d.ts_ms);
+        } else {
+            last_down = Some(d.ts_ms);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scales_to_the_predicted_count_and_back_to_min_within_bounds() {
+    let (min, max) = (1, 4);
+    let mut e = env(&[("web", min, max)]).await;
+    e.add_agent("n1", "127.0.0.1:0").await;
+    e.add_agent("n2", "127.0.0.2:0").await;
+    let agents = vec![e.agent_spec("n1"), e.agent_spec("n2")];
+    let cm = start_container_manager(e.cm_args("cm-a", &agents))
+        .await
+        .unwrap();
+
+    let bounds = |e: &Env, reached_min: bool| {
+        let n = e.live("web").len() as u32;
+        assert!(n <= max, "{n} instances running, max is {max}");
+        if reached_min {
+            let r = e.records("web");
+            let counted = r.iter().filter(|r| r.phase != Phase::Draining).count() as u32;
+            assert!(counted >= min, "{counted} counted instances, min is {min}");
+        }
+    };
+    wait_for(
+        Duration::from_secs(20),
+        "min instances",
+        || bounds(&e, false),
+        || e.live("web").len() as u32 == min,
+    )
+    .await;
+
+    let total = 150.0;
+    let want = policy(min, max).predicted_replicas(total);
+    assert_eq!(want, 3, "the load asks for a count between min and max");
+    e.set_backlog("web", total);
+    wait_for(
+        Duration::from_secs(40),
+        "scale-up to the predicted count",
+        || bounds(&e, true),
+        || {
+            e.live("web").len() as u32 == want
+                && e.records("web").iter().all(|r| r.phase == Phase::Running)
+                && e.backends("web").len() as u32 == want
+        },
+    )
+    .await;
+    // It settles there: no further action for a few windows.
+    let settle = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < settle {
+        bounds(&e, true);
+        assert_eq!(
+            e.live("web").len() as u32,
+            want,
+            "settled at the predicted count"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Spread over both agents.
+    let nodes: BTreeSet<String> = e.records("web").iter().map(|r| r.node.clone()).collect();
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+
+    e.set_backlog("web", 0.0);
+    wait_for(
+        Duration::from_secs(40),
+        "scale-in to min",
+        || bounds(&e, true),
+        || e.live("web").len() as u32 == min && e.records("web").len() as u32 == min,
+    )
+    .await;
+    let backends = e.backends("web");
+    let recs = e.records("web");
+    assert_eq!(backends.len(), 1);
+    assert_eq!(
+        backends
+            .get(&recs[0].id)
+            .map(|a| a.ends_with(&format!(";node={}", recs[0].node))),
+        Some(true),
+        "{backends:?}"
+    );
+    let decisions = e.decisions("web");
+    let actions: Vec<(String, u32)> = decisions
+        .iter()
+        .filter(|d| d.action != "hold")
+        .map(|d| (d.action.clone(), d.to))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("up".to_string(), 1),
+            ("up".to_string(), 2),
+            ("up".to_string(), 3),
+            ("down".to_string(), 2),
+            ("down".to_string(), 1)
+        ],
+        "{decisions:#?}"
+    );
+    assert_timing(&decisions);
+    // Drain first: each stopped instance ended at least the cool-down
+    // after the decision that took it out of the balancer.
+    let downs: Vec<i64> = decisions
+        .iter()
+        .filter(|d| d.action == "down")
+        .map(|d| d.ts_ms)
+        .collect();
+    let mut ended: Vec<i64> = e
+        .agent_instances("web")
+        .iter()
+        .filter(|r| r.state == State::Stopped)
+        .filter_map(|r| r.ended_ms)
+        .collect();
+    ended.sort();
+    assert_eq!(ended.len(), 2, "two instances stopped");
+    for (d, t) in downs.iter().zip(&ended) {
+        assert!(
+            t - d >= COOL_MS,
+            "stopped {} ms after the drain began",
+            t - d
+        );
+    }
+    // Every start happened once: the agents saw exactly the 3 ids.
+    assert_eq!(e.agent_instances("web").len(), 3);
+
+    cm.shutdown().await;
+    e.teardown().await;
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of the man page; `rest` starts at field 3.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_bound_service_scales_on_its_metric_not_on_cpu() {
+    let (min, max) = (1, 4);
+    let mut e = env(&[("queue", min, max)]).await;
+    e.add_agent("n1", "127.0.0.1:0").await;
+    let agents = vec![e.agent_spec("n1")];
+    let cm = start_container_manager(e.cm_args("cm-a", &agents))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "min instances",
+        || {},
+        || e.live("queue").len() as u32 == min,
+    )
+    .await;
+
+    // The CPU policy: same decide(), same window, fed with the instances'
+    // CPU % over each 200 ms step.
+    let p = policy(min, max);
+    let timing = Timing {
+        warm_up: Duration::ZERO,
+        cool_down: Duration::ZERO,
+    };
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let t0 = Instant::now();
+    let mut window = LoadWindow::new(Duration::from_secs(1));
+    let mut prev: HashMap<u32, (u64, Instant)> = HashMap::new();
+    let mut cpu_decisions = Vec::new();
+    let mut cpu_max: f64 = 0.0;
+    let final_backlog = 180.0;
+    let want = p.predicted_replicas(final_backlog);
+    assert_eq!(want, 3);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut backlog = 0.0;
+    loop {
+        // The queue grows by 20 every 400 ms up to the final backlog.
+        if backlog < final_backlog && t0.elapsed().as_millis() as f64 / 400.0 * 20.0 > backlog {
+            backlog += 20.0;
+            e.set_backlog("queue", backlog);
+        }
+        let live = e.live("queue");
+        let mut cpus = Vec::new();
+        for r in &live {
+            if let Some(t) = cpu_ticks(r.pid) {
+                let now = Instant::now();
+                if let Some((t_prev, at)) = prev.insert(r.pid, (t, now)) {
+                    let dt = now.duration_since(at).as_secs_f64();
+                    if dt > 0.0 {
+                        cpus.push((t - t_prev) as f64 / hz / dt * 100.0);
+                    }
+                }
+            }
+        }
+        if !cpus.is_empty() {
+            let mean = cpus.iter().sum::<f64>() / cpus.len() as f64;
+            cpu_max = cpu_max.max(mean);
+            window.push(t0.elapsed(), mean);
+            let n = live.len() as u32;
+            cpu_decisions.push(decide(
+                &p,
+                &timing,
+                &Observation {
+                    running: n,
+                    fresh: n,
+                    window_mean: window.mean(),
+                    since_start: None,
+                    since_stop: None,
+                },
+            ));
+        }
+        if backlog >= final_backlog
+            && e.live("queue").len() as u32 == want
+            && e.records("queue").iter().all(|r| r.phase == Phase::Running)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue service did not scale to {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(cpu_decisions.len() >= 10, "CPU policy was evaluated");
+    assert!(
+        cpu_decisions
+            .iter()
+            .all(|d| !matches!(d, Decision::Up { .. })),
+        "CPU policy asked to scale: {cpu_decisions:?}"
+    );
+    assert!(
+        cpu_max < p.up_threshold(1),
+        "CPU stayed flat (max mean {cpu_max:.1} %)"
+    );
+    let ups: Vec<u32> = e
+        .decisions("queue")
+        .iter()
+        .filter(|d| d.action == "up" && d.load.is_some_and(|l| l > 60.0))
+        .map(|d| d.to)
+        .collect();
+    assert!(!ups.is_empty(), "custom metric drove the scale-up");
+    assert_timing(&e.decisions("queue"));
+    cm.shutdown().await;
+    e.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_manager_mid_scale_up_loses_nothing_and_duplicates_nothing() {
+    let (min, max) = (2, 4);
+    let mut e = env(&[("jobs", min, max)]).await;
+    // Phase A: the agent is down while the first manager records its
+    // intents; the manager is then killed with the starts unconfirmed.
+    let port = free_port();
+    let spec = format!("n1=http://127.0.0.1:{port}");
+    let a = start_container_manager(e.cm_args("cm-a", std::slice::from_ref(&spec)))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "intents recorded",
+        || {},
+        || e.records("jobs").len() as u32 == min,
+    )
+    .await;
+    // Let it retry (and fail) a few rounds: still no new intents.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let intents: BTreeSet<String> = e.records("jobs").iter().map(|r| r.id.clone()).collect();
+    assert_eq!(
+        intents.len() as u32,
+        min,
+        "no extra intents while the agent is down"
+    );
+    assert!(e.records("jobs").iter().all(|r| r.phase == Phase::Starting));
+    a.kill();
+
+    e.add_agent("n1", &format!("127.0.0.1:{port}")).await;
+    let b = start_container_manager(e.cm_args("cm-b", std::slice::from_ref(&spec)))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "intents completed by the new manager",
+        || {},
+        || e.records("jobs").iter().all(|r| r.phase == Phase::Running) && e.live("jobs").len() == 2,
+    )
+    .await;
+    let started: BTreeSet<String> = e
+        .agent_instances("jobs")
+        .iter()
+        .map(|r| r.instance_id.clone())
+        .collect();
+    assert_eq!(
+        started, intents,
+        "the recorded ids were started, nothing else"
+    );
+
+    // Phase B: kill the manager the moment it records a scale-up intent
+    // (its start call possibly in flight), then replace it.
+    e.set_backlog("jobs", 150.0);
+    let want = policy(min, max).predicted_replicas(150.0);
+    assert_eq!(want, 3);
+    wait_for(
+        Duration::from_secs(30),
+        "scale-up intent",
+        || {},
+        || e.records("jobs").len() as u32 > min,
+    )
+    .await;
+    b.kill();
+    let c = start_container_manager(e.cm_args("cm-c", std::slice::from_ref(&spec)))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "scale-up completed",
+        || {
+            assert!(e.live("jobs").len() as u32 <= max);
+        },
+        || {
+            e.live("jobs").len() as u32 == want
+                && e.records("jobs").iter().all(|r| r.phase == Phase::Running)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let recs: BTreeSet<String> = e.records("jobs").iter().map(|r| r.id.clone()).collect();
+    let live: BTreeSet<String> = e
+        .live("jobs")
+        .iter()
+        .map(|r| r.instance_id.clone())
+        .collect();
+    let ever: Vec<String> = e
+        .agent_instances("jobs")
+        .iter()
+        .map(|r| r.instance_id.clone())
+        .collect();
+    assert_eq!(
+        recs, live,
+        "every record runs, every running instance is recorded"
+    );
+    assert_eq!(
+        ever.len() as u32,
+        want,
+        "no instance was ever started twice or lost: {ever:?}"
+    );
+    assert_eq!(e.backends("jobs").len() as u32, want);
+    c.shutdown().await;
+    e.teardown().await;
+}
