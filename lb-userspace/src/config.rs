@@ -35,6 +35,8 @@ pub use duration::{format_duration, parse_duration};
 
 /// Root of the BPF filesystem directories the daemon pins into.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/headroom";
+/// Where the daemon mounts a bpf filesystem when [`PIN_ROOT`] is not on one.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// Largest table size M a service may ask for (2^24 slots, 64 MiB per buffer).
 pub const MAX_TABLE_SIZE_LIMIT: u32 = 1 << 24;
 /// Smallest connection table accepted: below this, flows of a busy balancer
@@ -685,7 +687,13 @@ impl Config {
 
     /// The directory the daemon pins its maps and links in.
     pub fn pin_dir(&self) -> PathBuf {
-        Path::new(PIN_ROOT).join(&self.name)
+        self.pin_dir_in(Path::new(PIN_ROOT))
+    }
+
+    /// The pin directory under another root than [`PIN_ROOT`] (tests point
+    /// it at a private bpffs mount).
+    pub fn pin_dir_in(&self, root: &Path) -> PathBuf {
+        root.join(&self.name)
     }
 
     /// The weight policy (`[weights]` and `scoreboard.ttl`).

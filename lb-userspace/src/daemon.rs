@@ -33,22 +33,31 @@
 //!   ([`Balancer::refresh_next_hops`]), so route and neighbour changes reach
 //!   the data path within a second.
 //!
-//! # Lifetime
+//! # Lifetime and restarts
 //!
-//! [`run`] runs until SIGINT or SIGTERM, then detaches. [`Daemon::start`]
-//! runs the same daemon on a thread of its own (for tests and embedding) and
-//! returns a [`DaemonHandle`] with its [`Status`]. How the program gets onto
-//! the interfaces is [`attach::attach_or_reuse`], the one function that
-//! pinning will change.
+//! Maps and XDP links are pinned in `<pin root>/<name>/` (default
+//! `/sys/fs/bpf/headroom/<name>/`; a bpffs is mounted on `/sys/fs/bpf` if
+//! none is). A start on existing pins takes their state over ([`recover`]):
+//! connection tables, tables, backend ids and service ids keep their
+//! meaning, and the new program replaces the old one on each pinned link
+//! atomically ([`attach::attach_or_reuse`]), so established flows survive a
+//! restart or an upgrade. [`run`] runs until SIGINT or SIGTERM and then
+//! exits leaving XDP attached and everything pinned: forwarding continues
+//! with the last tables while no daemon runs. `headroom lb detach`
+//! ([`attach::detach_pinned`]) removes it all. [`Daemon::start`] runs the
+//! same daemon on a thread of its own (for tests and embedding) and returns
+//! a [`DaemonHandle`] with its [`Status`].
 
 pub mod attach;
 pub mod ids;
+pub mod recover;
 pub mod status;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
     net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
     thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -60,6 +69,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     config::{self, addr_words, family, Config},
+    loader,
     maglev::{self, MaglevBackend},
     scoreboard::{ReaderOptions, ScoreboardError, ScoreboardReader, ServiceSnapshot},
     weights::ServiceWeights,
@@ -77,9 +87,24 @@ pub const NEXT_HOP_REFRESH: Duration = Duration::from_secs(1);
 pub struct RunOptions {
     /// Attach even to an interface that carries the default route.
     pub force: bool,
+    /// Root of the pin directories (`None`: [`config::PIN_ROOT`]). Only under
+    /// the default root is a bpffs mounted when missing; another root must
+    /// already be on one (tests use a private mount).
+    pub pin_root: Option<PathBuf>,
 }
 
-/// Runs the daemon until SIGINT or SIGTERM, then detaches.
+impl RunOptions {
+    /// The directory `config`'s balancer pins in with these options.
+    pub fn pin_dir(&self, config: &Config) -> PathBuf {
+        match &self.pin_root {
+            Some(root) => config.pin_dir_in(root),
+            None => config.pin_dir(),
+        }
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then stops, leaving XDP
+/// attached and the maps pinned.
 pub async fn run(config: Config, opts: RunOptions) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     // Installed first: a signal during the setup must not kill us half-way.
@@ -128,6 +153,9 @@ struct Svc {
     source: Source,
     /// Backend id per backend address.
     ids: BTreeMap<SocketAddr, u32>,
+    /// Addresses in `ids` adopted from pinned maps, as the kernel holds
+    /// them (dsr: with the VIP's port, the instance's port is not stored).
+    recovered: BTreeSet<SocketAddr>,
     /// The table the kernel holds.
     published: Vec<Member>,
     generation: u64,
@@ -192,6 +220,8 @@ pub struct Daemon {
     config: Config,
     lb: Balancer,
     attachment: Option<Attachment>,
+    /// Where maps and links are pinned.
+    pin_dir: PathBuf,
     svcs: Vec<Svc>,
     ids: BackendIds,
     /// What each backend id holds, as written (to write only changes).
@@ -207,27 +237,55 @@ pub struct Daemon {
     refreshes: u64,
     last_refresh: Option<Duration>,
     status: StatusHandle,
+    /// The admin endpoint's socket, bound at start, served by `run_until`.
+    admin_listener: Option<std::net::TcpListener>,
 }
 
 impl Daemon {
-    /// Loads the program with the config's sizes, attaches it (see
+    /// Loads the program with the config's sizes on the maps pinned in
+    /// [`RunOptions::pin_dir`] (mounting a bpffs on `/sys/fs/bpf` if the
+    /// default root is not on one), attaches it (see
     /// [`attach::attach_or_reuse`]; in the calling thread's network
-    /// namespace) and publishes the static services. Nothing is read from
-    /// Redis yet.
+    /// namespace), takes over what an earlier run pinned ([`recover`]) and
+    /// publishes the static services. Nothing is read from Redis yet.
     pub fn new(config: Config, opts: &RunOptions) -> Result<Self> {
         let span = info_span!("lb", name = %config.name);
         let _e = span.enter();
-        let mut lb = Balancer::load(&config.load_options())
-            .context("loading the XDP program (is the object built? `cargo xtask build-ebpf`)")?;
-        let attachment = attach::attach_or_reuse(&mut lb, &config, opts.force)?;
         let policy = config.policy();
         policy
             .validate()
             .map_err(|e| anyhow!("weights.{e}"))
             .context("invalid weight policy")?;
+        // Before the kernel is touched: a taken port must not leave XDP behind.
+        let admin_listener = crate::admin::bind(config.metrics_listen)?;
+        let pin_dir = opts.pin_dir(&config);
+        if loader::ensure_bpffs(&pin_dir, Path::new(config::BPFFS_MOUNT))? {
+            info!(
+                mount = config::BPFFS_MOUNT,
+                "no bpf filesystem was mounted: mounted one (as bpftool and systemd do) for the pins"
+            );
+        }
+        let restart = pin_dir.join(lb_common::maps::SERVICES).exists();
+        let mut lb = Balancer::load_pinned(&config.load_options(), &pin_dir)
+            .context("loading the XDP program (is the object built? `cargo xtask build-ebpf`)")?;
+        let pinned: HashMap<ServiceKey, lb_common::ServiceValue> =
+            lb.services().map(|(k, v)| (*k, *v)).collect();
+        if restart {
+            info!(dir = %pin_dir.display(), services = pinned.len(), backends = lb.backends().count(), "pinned state found: taking it over");
+        } else {
+            info!(dir = %pin_dir.display(), "pinning maps and links");
+        }
+        let attachment = attach::attach_or_reuse(&mut lb, &config, opts.force)?;
+        let keys: Vec<ServiceKey> = config.services().map(|(_, s)| s.key()).collect();
+        let service_ids = recover::service_ids(&keys, &pinned, config.datapath.max_services);
         let mut svcs = Vec::new();
-        for (i, (group, s)) in config.services().enumerate() {
-            let id = u32::try_from(i).context("too many services")?;
+        for ((group, s), id) in config.services().zip(service_ids) {
+            let id = id.with_context(|| {
+                format!(
+                    "service {}: no free service id (datapath.max_services = {})",
+                    s.name, config.datapath.max_services
+                )
+            })?;
             let source = if s.is_static() {
                 Source::Static
             } else {
@@ -247,6 +305,7 @@ impl Daemon {
                 table_size: s.table_size,
                 source,
                 ids: BTreeMap::new(),
+                recovered: BTreeSet::new(),
                 published: Vec::new(),
                 generation: 0,
                 last_publish: None,
@@ -283,9 +342,11 @@ impl Daemon {
             ids::quarantine_for(config.scoreboard.ttl),
         );
         let mut d = Daemon {
+            admin_listener: Some(admin_listener),
             config,
             lb,
             attachment: Some(attachment),
+            pin_dir,
             svcs,
             ids,
             written: HashMap::new(),
@@ -299,6 +360,18 @@ impl Daemon {
             last_refresh: None,
             status: StatusHandle::default(),
         };
+        let r = d
+            .recover(&pinned, Instant::now())
+            .context("taking over the pinned state")?;
+        if restart {
+            info!(
+                services = r.services,
+                removed = r.removed,
+                backends = r.backends,
+                quarantined = r.quarantined,
+                "pinned state taken over: established flows keep their backends"
+            );
+        }
         d.publish_static()?;
         d.update_status();
         Ok(d)
@@ -324,6 +397,23 @@ impl Daemon {
             hops.set_missed_tick_behavior(MissedTickBehavior::Delay);
             let mut hops_failing = false;
             tokio::pin!(shutdown);
+            // The admin endpoint (/metrics, /status, /trace); traces come
+            // back here, where the balancer is.
+            let (trace_tx, mut traces) = tokio::sync::mpsc::channel(crate::admin::TRACE_QUEUE);
+            let listener = self
+                .admin_listener
+                .take()
+                .context("run_until called twice")?;
+            let admin = match crate::admin::spawn(listener, self.status.clone(), trace_tx) {
+                Ok(a) => a,
+                Err(e) => {
+                    self.stop();
+                    return Err(anyhow!(
+                        "metrics_listen {}: {e}",
+                        self.config.metrics_listen
+                    ));
+                }
+            };
             info!(
                 services = self.svcs.len(),
                 scoreboard_services = self.sb_names.len(),
@@ -352,8 +442,10 @@ impl Daemon {
                         }
                         Err(_) => {}
                     },
+                    Some(job) = traces.recv() => self.answer_trace(job),
                 }
             }
+            drop(admin);
             self.stop();
             Ok(())
         }
@@ -370,10 +462,18 @@ impl Daemon {
         self.lb.refresh_next_hops()
     }
 
-    /// Detaches from every interface.
+    /// Stops without detaching: the links and maps stay pinned, so the
+    /// interfaces keep forwarding with the last tables until a daemon takes
+    /// over again or `headroom lb detach` removes them.
     fn stop(&mut self) {
         if let Some(a) = self.attachment.take() {
-            attach::detach(&mut self.lb, a);
+            let ifaces: Vec<&str> = a.interfaces.iter().map(|i| i.ifname.as_str()).collect();
+            info!(
+                interfaces = %ifaces.join(","),
+                pins = %self.pin_dir.display(),
+                "stopped; XDP stays attached and the maps stay pinned: forwarding continues \
+                 with the last tables (`headroom lb detach` removes them)"
+            );
         }
     }
 
@@ -408,6 +508,23 @@ impl Daemon {
             let took = publish(lb, svc, members)
                 .with_context(|| format!("publishing static service {}", svc.name))?;
             info!(service = %svc.name, backends = s.backends.len(), ?took, "published static table");
+            // Backends an earlier run had (adopted from the pins) that the
+            // config no longer lists: retired like any gone backend.
+            let keep: BTreeSet<u32> = svc.published.iter().map(|m| m.id).collect();
+            let gone: Vec<(SocketAddr, u32)> = svc
+                .ids
+                .iter()
+                .filter(|(_, id)| !keep.contains(id))
+                .map(|(a, id)| (*a, *id))
+                .collect();
+            for (addr, id) in gone {
+                write_backend(lb, written, id, svc.backend(addr, 0))
+                    .with_context(|| format!("retiring backend {id} of {}", svc.name))?;
+                svc.ids.remove(&addr);
+                svc.recovered.remove(&addr);
+                ids.retire(id, now);
+                info!(service = %svc.name, %addr, id, "static backend no longer configured: retired");
+            }
         }
         Ok(())
     }
@@ -623,6 +740,7 @@ impl Daemon {
             match write_backend(lb, written, id, svc.backend(addr, 0)) {
                 Ok(()) => {
                     svc.ids.remove(&addr);
+                    svc.recovered.remove(&addr);
                     ids.retire(id, now);
                     info!(service = %svc.name, %addr, id, "backend retired");
                 }
@@ -632,7 +750,7 @@ impl Daemon {
     }
 
     fn update_status(&self) {
-        self.status.set(Status {
+        self.status.set_observing(Status {
             redis: self.redis.clone(),
             reads_ok: self.reads_ok,
             reads_failed: self.reads_failed,
@@ -646,6 +764,9 @@ impl Daemon {
                 .map(|c| c.to_vec())
                 .unwrap_or_default(),
             services: self.svcs.iter().map(Svc::status).collect(),
+            details: self.svcs.iter().map(|s| self.detail(s)).collect(),
+            refresh_latency: status::Histogram::default(),
+            taken_ms: now_ms(),
         });
     }
 }
@@ -679,6 +800,14 @@ fn same_family<'a>(
 fn backend_id(svc: &mut Svc, ids: &mut BackendIds, addr: SocketAddr, now: Instant) -> Option<u32> {
     if let Some(&id) = svc.ids.get(&addr) {
         return Some(id);
+    }
+    // dsr: an adopted entry holds the VIP's port, not the instance's.
+    let as_pinned = SocketAddr::new(addr.ip(), svc.port);
+    if svc.mode == config::Mode::Dsr && svc.recovered.remove(&as_pinned) {
+        if let Some(id) = svc.ids.remove(&as_pinned) {
+            svc.ids.insert(addr, id);
+            return Some(id);
+        }
     }
     let id = ids.allocate(now)?;
     svc.ids.insert(addr, id);
@@ -744,7 +873,8 @@ fn now_ms() -> i64 {
 }
 
 /// A daemon running on a thread of its own (see [`Daemon::start`]). Dropping
-/// the handle stops the daemon and waits for it to detach.
+/// the handle stops the daemon and waits for it (it does not detach: see
+/// [`attach::detach_pinned`]).
 pub struct DaemonHandle {
     status: StatusHandle,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -818,7 +948,8 @@ impl DaemonHandle {
         self.status.clone()
     }
 
-    /// Stops the daemon (it detaches) and waits for its thread.
+    /// Stops the daemon (XDP stays attached, the maps pinned) and waits for
+    /// its thread.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop_and_join()
     }
@@ -841,5 +972,158 @@ impl Drop for DaemonHandle {
         if let Err(e) = self.stop_and_join() {
             eprintln!("stopping the daemon: {e:#}");
         }
+    }
+}
+
+// ---------------------------------------------------------------- observability
+
+impl Daemon {
+    /// Counters, loads and slot counts of `svc` for the status snapshot.
+    fn detail(&self, svc: &Svc) -> status::ServiceDetail {
+        let mut slots: HashMap<u32, u64> = HashMap::new();
+        let table = self.lb.active_table(&svc.key);
+        for &id in table.unwrap_or_default() {
+            *slots.entry(id).or_default() += 1;
+        }
+        let weights = match &svc.source {
+            Source::Scoreboard { weights, .. } => Some(weights),
+            Source::Static => None,
+        };
+        let backend = |instance: &str, id: Option<u32>, draining: bool| {
+            let st = weights.and_then(|w| w.state(instance));
+            status::BackendDetail {
+                instance: instance.to_string(),
+                id,
+                draining,
+                load: st.map(|s| s.load),
+                smoothed_load: st.map(|s| s.smoothed),
+                last_report_ms: st.map(|s| s.last_seen_ms),
+                traffic: id
+                    .and_then(|id| self.lb.backend_counters(id).ok())
+                    .map(status::Traffic::from)
+                    .unwrap_or_default(),
+                slots: id.and_then(|id| slots.get(&id).copied()).unwrap_or(0),
+            }
+        };
+        let mut backends: Vec<status::BackendDetail> = svc
+            .published
+            .iter()
+            .map(|m| backend(&m.key, Some(m.id), false))
+            .collect();
+        backends.extend(
+            svc.draining
+                .iter()
+                .map(|b| backend(&b.instance, b.id, true)),
+        );
+        status::ServiceDetail {
+            name: svc.name.clone(),
+            vip: Some(SocketAddr::new(svc.vip, svc.port)),
+            proto: proto_name(svc.key.proto).to_string(),
+            mode: svc.mode.to_string(),
+            traffic: self
+                .lb
+                .service_counters(svc.id)
+                .map(status::Traffic::from)
+                .unwrap_or_default(),
+            table_size: table.map_or(0, |t| t.len() as u64),
+            backends,
+        }
+    }
+
+    /// Answers one `POST /trace` (the admin endpoint waits for it).
+    fn answer_trace(&mut self, job: crate::admin::TraceJob) {
+        let answer = self.trace(&job.request);
+        if let Err(e) = &answer {
+            debug!(request = ?job.request, "trace failed: {e}");
+        }
+        // The asker may have timed out and gone: nothing to do then.
+        let _ = job.reply.send(answer);
+    }
+
+    /// Traces `req` through the live program (see [`crate::trace`]).
+    fn trace(
+        &mut self,
+        req: &crate::trace::TraceRequest,
+    ) -> Result<crate::trace::TraceAnswer, crate::trace::TraceError> {
+        use crate::trace::{Outcome, TraceAnswer, TraceError, TraceTarget};
+        req.validate()?;
+        let key = req.service_key();
+        let Some(svc) = self.svcs.iter().find(|s| s.key == key) else {
+            let known: Vec<String> = self
+                .svcs
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}/{}",
+                        SocketAddr::new(s.vip, s.port),
+                        proto_name(s.key.proto)
+                    )
+                })
+                .collect();
+            return Ok(TraceAnswer {
+                request: req.clone(),
+                outcome: Outcome::NotAService,
+                service: None,
+                backend: None,
+                action: None,
+                interface: None,
+                note: Some(format!(
+                    "{}/{} is not a service of this balancer (services: {})",
+                    req.dst,
+                    req.proto.as_str(),
+                    known.join(", ")
+                )),
+            });
+        };
+        let attachment = self
+            .attachment
+            .as_ref()
+            .ok_or_else(|| TraceError::Unavailable("the balancer is not attached".into()))?;
+        let iface = match &req.interface {
+            Some(name) => attachment
+                .interfaces
+                .iter()
+                .find(|a| &a.ifname == name)
+                .ok_or_else(|| {
+                    TraceError::Input(format!("interface {name} is not one the balancer runs on"))
+                })?,
+            None => attachment
+                .interfaces
+                .iter()
+                .find(|a| a.group == svc.group)
+                .or(attachment.interfaces.first())
+                .ok_or_else(|| TraceError::Unavailable("no attached interface".into()))?,
+        };
+        let target = TraceTarget {
+            service: svc.name.clone(),
+            ifname: iface.ifname.clone(),
+            ifindex: iface.ifindex,
+            udp_idle: self.config.datapath.udp_idle_timeout,
+        };
+        let svc_index = self.svcs.iter().position(|s| s.key == key);
+        let mut answer = crate::trace::trace(&mut self.lb, &target, req)?;
+        if let (Some(b), Some(i)) = (answer.backend.as_mut(), svc_index) {
+            let svc = &self.svcs[i];
+            b.instance = svc
+                .published
+                .iter()
+                .find(|m| m.id == b.id)
+                .map(|m| m.key.clone())
+                .or_else(|| {
+                    svc.draining
+                        .iter()
+                        .find(|d| d.id == Some(b.id))
+                        .map(|d| d.instance.clone())
+                });
+        }
+        Ok(answer)
+    }
+}
+
+/// `tcp` or `udp`.
+fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        lb_common::PROTO_UDP => "udp",
+        _ => "tcp",
     }
 }

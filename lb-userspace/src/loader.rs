@@ -412,6 +412,11 @@ impl Balancer {
         self.backends_set.iter()
     }
 
+    /// Where maps and links are pinned (`None` when loaded unpinned).
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
     /// The options the program was loaded with.
     pub fn options(&self) -> &LoadOptions {
         &self.opts
@@ -633,10 +638,19 @@ impl Balancer {
     }
 }
 
+/// What [`detach`] removed.
+#[derive(Debug, Default)]
+pub struct Detached {
+    /// Interfaces whose pinned XDP link was removed (XDP came off them).
+    pub links: Vec<String>,
+    /// Pinned maps removed.
+    pub maps: Vec<String>,
+}
+
 /// Removes everything [`Balancer::load_pinned`] and [`Balancer::attach`]
 /// pinned in `dir`: links first (XDP comes off the interfaces), then the
 /// maps (the kernel frees them once no program holds them), then `dir`.
-pub fn detach(dir: &Path) -> Result<(), BalancerError> {
+pub fn detach(dir: &Path) -> Result<Detached, BalancerError> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| BalancerError::Pin(format!("reading {}: {e}", dir.display())))?;
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
@@ -645,12 +659,105 @@ pub fn detach(dir: &Path) -> Result<(), BalancerError> {
         !p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
     });
+    let mut out = Detached::default();
     for p in paths {
+        let is_link = p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link-"));
+        if is_link {
+            // Best effort: the unpin below frees the link anyway, only later.
+            let _ = pin::detach_link(&p);
+        }
         std::fs::remove_file(&p)
             .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", p.display())))?;
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match name.strip_prefix("link-") {
+            Some(ifname) => out.links.push(ifname.to_string()),
+            None => out.maps.push(name),
+        }
     }
     std::fs::remove_dir(dir)
-        .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", dir.display())))
+        .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", dir.display())))?;
+    Ok(out)
+}
+
+/// The interfaces with a link pinned in `dir` (`link-<ifname>`).
+pub fn pinned_links(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .strip_prefix("link-")
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the pinned link of `ifname` in `dir`: XDP comes off the
+/// interface (unless another process holds the link open).
+pub fn unpin_link(dir: &Path, ifname: &str) -> Result<(), BalancerError> {
+    let p = dir.join(format!("link-{ifname}"));
+    let _ = pin::detach_link(&p);
+    std::fs::remove_file(&p)
+        .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", p.display())))
+}
+
+/// Whether `dir` (or, if it does not exist yet, its nearest existing
+/// parent) is on a bpf filesystem. Errors if that cannot be told.
+pub fn on_bpffs(dir: &Path) -> Result<bool, BalancerError> {
+    pin::on_bpffs(dir)
+}
+
+/// Makes sure `dir` can hold pins: if it is not on a bpf filesystem, mounts
+/// one on `mount_point` (as bpftool and systemd do for `/sys/fs/bpf`).
+/// Returns whether it mounted. The error says how to mount it by hand.
+pub fn ensure_bpffs(dir: &Path, mount_point: &Path) -> Result<bool, BalancerError> {
+    if pin::on_bpffs(dir)? {
+        return Ok(false);
+    }
+    if !dir.starts_with(mount_point) {
+        return Err(BalancerError::Pin(format!(
+            "{} is not on a bpf filesystem: mount one first (mount -t bpf bpf DIR)",
+            dir.display()
+        )));
+    }
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes());
+    let (Ok(target), Ok(fstype)) = (c(mount_point), std::ffi::CString::new("bpf")) else {
+        return Err(BalancerError::Pin(format!(
+            "{}: NUL in path",
+            mount_point.display()
+        )));
+    };
+    // SAFETY: all pointers are valid NUL-terminated strings for the call;
+    // bpffs takes no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(BalancerError::Pin(format!(
+            "{} is not on a bpf filesystem and mounting one on {} failed: {}; \
+             mount it first: mount -t bpf bpf {}",
+            dir.display(),
+            mount_point.display(),
+            std::io::Error::last_os_error(),
+            mount_point.display()
+        )));
+    }
+    Ok(true)
 }
 
 /// Pinning details.
@@ -678,9 +785,80 @@ mod pin {
     ];
 
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    /// `enum bpf_cmd` values (linux/bpf.h).
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+
+    /// Detaches the link pinned at `path` from its hook now
+    /// (`BPF_LINK_DETACH`). Removing the pin alone frees the link, and so
+    /// takes XDP off the interface, only when the kernel gets to it.
+    pub fn detach_link(path: &Path) -> Result<(), BalancerError> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let err = |what: &str| {
+            BalancerError::Pin(format!(
+                "{what} {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ))
+        };
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| BalancerError::Pin(format!("{}: NUL in path", path.display())))?;
+        // union bpf_attr, BPF_OBJ_GET part.
+        #[repr(C)]
+        struct ObjGet {
+            pathname: u64,
+            bpf_fd: u32,
+            file_flags: u32,
+        }
+        let get = ObjGet {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+        };
+        // SAFETY: `get` and the string it points to outlive the call; the
+        // kernel reads `size_of::<ObjGet>()` bytes of it.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET,
+                &get as *const ObjGet,
+                std::mem::size_of::<ObjGet>() as u32,
+            )
+        };
+        if fd < 0 {
+            return Err(err("opening"));
+        }
+        // SAFETY: the kernel just returned this fd to us; it is ours to close.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let detach: u32 = fd.as_raw_fd() as u32;
+        // SAFETY: the attr (link_fd only) outlives the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_LINK_DETACH,
+                &detach as *const u32,
+                std::mem::size_of::<u32>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(err("detaching"));
+        }
+        Ok(())
+    }
 
     /// Pins only work on a bpffs: say so plainly instead of failing later.
     pub fn check_bpffs(dir: &Path) -> Result<(), BalancerError> {
+        if on_bpffs(dir)? {
+            return Ok(());
+        }
+        Err(BalancerError::Pin(format!(
+            "{} is not on a bpf filesystem: mount one first (mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        )))
+    }
+
+    /// Whether the nearest existing ancestor of `dir` is on a bpffs.
+    pub fn on_bpffs(dir: &Path) -> Result<bool, BalancerError> {
         // The directory may not exist yet: check the nearest existing parent.
         let existing = dir
             .ancestors()
@@ -697,13 +875,7 @@ mod pin {
                 std::io::Error::last_os_error()
             )));
         }
-        if st.f_type as i64 != BPF_FS_MAGIC {
-            return Err(BalancerError::Pin(format!(
-                "{} is not on a bpf filesystem: mount one first (mount -t bpf bpf /sys/fs/bpf)",
-                dir.display()
-            )));
-        }
-        Ok(())
+        Ok(st.f_type as i64 == BPF_FS_MAGIC)
     }
 }
 

@@ -27,6 +27,14 @@ enum Cmd {
     Shim(Box<ShimArgs>),
     /// Accept signed load reports and write them to the scoreboard.
     LoadReceiver(LoadReceiverArgs),
+    /// Run the node agent: command executor and load transmitter.
+    Agent(Box<headroom_control::agent::AgentArgs>),
+    /// Manage the service registry (register FILE | list | remove NAME).
+    Services(headroom_control::registry::ServicesArgs),
+    /// Run the machine-manager: node registry, placements, node start/stop.
+    MachineManager(headroom_control::machine_manager::MachineManagerArgs),
+    /// Run the container-manager: scale registered services on their load.
+    ContainerManager(Box<headroom_control::container_manager::ContainerManagerArgs>),
     /// The load-balancer daemon and its tools.
     #[command(subcommand)]
     Lb(LbCmd),
@@ -50,6 +58,18 @@ enum LbCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Detach the balancer of a config: remove its pinned XDP links (the
+    /// interfaces stop balancing), its pinned maps and its pin directory.
+    Detach {
+        /// The TOML config file (docs/CONFIG.md); its `name` picks the pins.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show a running daemon's backends: load, weight, share, flows, pkts/s.
+    Status(headroom::observe_cli::StatusArgs),
+    /// Which backend a flow SRC:PORT → VIP:PORT gets now, asked of the live
+    /// program.
+    Trace(headroom::observe_cli::TraceArgs),
 }
 
 #[tokio::main]
@@ -71,7 +91,18 @@ async fn main() -> Result<()> {
         (Cmd::Keys(a), _) => headroom_control::run_keys(a).await,
         (Cmd::Shim(a), _) => headroom_control::run_shim(*a).await,
         (Cmd::LoadReceiver(a), _) => headroom_control::run_load_receiver(a).await,
+        (Cmd::Agent(a), _) => headroom_control::agent::run_agent(*a).await,
+        (Cmd::Services(a), _) => headroom_control::registry::run_services(a).await,
+        (Cmd::MachineManager(a), _) => {
+            headroom_control::machine_manager::run_machine_manager(a).await
+        }
+        (Cmd::ContainerManager(a), _) => {
+            headroom_control::container_manager::run_container_manager(*a).await
+        }
         (Cmd::Lb(LbCmd::CheckConfig { file }), _) => check_config(&file),
+        (Cmd::Lb(LbCmd::Detach { config }), _) => lb_detach(&config),
+        (Cmd::Lb(LbCmd::Status(a)), _) => lb_status(&a).await,
+        (Cmd::Lb(LbCmd::Trace(a)), _) => lb_trace(&a).await,
         (Cmd::Lb(LbCmd::Run { force, .. }), Some(config)) => lb_run(config, force).await,
         (Cmd::Lb(LbCmd::Run { config, .. }), None) => {
             unreachable!("{} was loaded above", config.display())
@@ -93,7 +124,11 @@ fn load_or_exit(file: &std::path::Path) -> headroom::config::Config {
 
 /// `headroom lb run --config FILE [--force]`.
 async fn lb_run(config: headroom::config::Config, force: bool) -> Result<()> {
-    if let Err(e) = headroom::daemon::run(config, headroom::daemon::RunOptions { force }).await {
+    let opts = headroom::daemon::RunOptions {
+        force,
+        ..Default::default()
+    };
+    if let Err(e) = headroom::daemon::run(config, opts).await {
         // Operational errors (refused interface, missing object, no
         // permission): the message chain, no backtrace.
         eprintln!("headroom lb run: {e:#}");
@@ -106,4 +141,62 @@ async fn lb_run(config: headroom::config::Config, force: bool) -> Result<()> {
 fn check_config(file: &std::path::Path) -> Result<()> {
     print!("{}", load_or_exit(file).summary());
     Ok(())
+}
+
+/// `headroom lb detach --config FILE`: removes what `lb run` pinned.
+fn lb_detach(file: &std::path::Path) -> Result<()> {
+    let config = load_or_exit(file);
+    let dir = config.pin_dir();
+    match headroom::daemon::attach::detach_pinned(&dir) {
+        Ok(None) => println!(
+            "nothing to detach: {} does not exist (balancer {:?} is not pinned on this host)",
+            dir.display(),
+            config.name
+        ),
+        Ok(Some(d)) => println!(
+            "detached balancer {:?}: XDP removed from [{}], {} pinned maps and {} removed",
+            config.name,
+            d.links.join(", "),
+            d.maps.len(),
+            dir.display()
+        ),
+        Err(e) => {
+            eprintln!("headroom lb detach: {e:#}");
+            std::process::exit(1);
+        }
+    }
+    Ok(())
+}
+
+/// `headroom lb status`: prints the table, or why the daemon could not be
+/// asked and exits 1.
+async fn lb_status(args: &headroom::observe_cli::StatusArgs) -> Result<()> {
+    match headroom::observe_cli::status(args).await {
+        Ok(table) => {
+            print!("{table}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("headroom lb status: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `headroom lb trace`: prints the answer; exits 1 if the daemon could not
+/// answer, the input is bad, or the destination is not a service.
+async fn lb_trace(args: &headroom::observe_cli::TraceArgs) -> Result<()> {
+    match headroom::observe_cli::trace(args).await {
+        Ok((answer, text)) => {
+            print!("{text}");
+            if answer.outcome == headroom::trace::Outcome::NotAService {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("headroom lb trace: {e}");
+            std::process::exit(1);
+        }
+    }
 }

@@ -7,7 +7,13 @@
 //!    XDP program behind.
 //! 2. Without it, the daemon attaches to every configured interface, real
 //!    TCP connections through the VIP reach both static backends in the
-//!    config's proportion, and SIGTERM makes it detach and exit 0.
+//!    config's proportion; SIGTERM makes it exit 0 and leave XDP attached
+//!    (pinned), connections still work with no daemon, and
+//!    `headroom lb detach` removes the programs.
+//!
+//! Every run of the binary enters one private mount namespace the test
+//! holds (`MountNs`): the bpffs the daemon mounts never appears on the host,
+//! and it outlives the daemon as the host's `/sys/fs/bpf` would.
 use std::{
     io::{Read, Write},
     process::{ExitStatus, Stdio},
@@ -18,6 +24,7 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use headroom_tests::{
+    mountns::MountNs,
     require_root,
     topology::{backend_addr, ClientLimits, Mode, Topology, VIP, VIP_PORT},
     ChildGuard, Netns,
@@ -27,8 +34,8 @@ const HEADROOM: &str = env!("CARGO_BIN_EXE_headroom");
 const WAIT: Duration = Duration::from_secs(15);
 
 #[test]
-fn root_lb_run_binary_refuses_default_route_then_serves_and_detaches() {
-    if !require_root("root_lb_run_binary_refuses_default_route_then_serves_and_detaches") {
+fn root_lb_run_binary_refuses_default_route_then_serves_and_keeps_xdp() {
+    if !require_root("root_lb_run_binary_refuses_default_route_then_serves_and_keeps_xdp") {
         return;
     }
     run().expect("lb run");
@@ -62,6 +69,7 @@ fn run() -> Result<()> {
     config.write_all(text.as_bytes())?;
     let path = config.path().to_str().context("temp path")?.to_string();
     let argv = [HEADROOM, "lb", "run", "--config", &path];
+    let mount_ns = MountNs::new()?;
 
     // 1. A default route on lb-c: refused, nothing attached.
     lb_ns.exec(&[
@@ -74,7 +82,7 @@ fn run() -> Result<()> {
         "dev",
         "lb-c",
     ])?;
-    let mut child = spawn(lb_ns, &argv)?;
+    let mut child = spawn(&mount_ns, lb_ns, &argv)?;
     let status = wait_exit(&mut child, WAIT)?.context("the daemon did not refuse")?;
     let stderr = read_stderr(&mut child);
     eprintln!("refused: {status}; stderr:\n{stderr}");
@@ -97,7 +105,7 @@ fn run() -> Result<()> {
     lb_ns.exec(&["ip", "route", "del", "default"])?;
 
     // 2. Attach, serve, SIGTERM.
-    let mut child = spawn(lb_ns, &argv)?;
+    let mut child = spawn(&mount_ns, lb_ns, &argv)?;
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(s) = child.try_wait()? {
@@ -145,20 +153,41 @@ fn run() -> Result<()> {
     let status = wait_exit(&mut child, WAIT)?.context("the daemon ignored SIGTERM")?;
     let stderr = read_stderr(&mut child);
     ensure!(status.success(), "exit after SIGTERM: {status}: {stderr}");
+    ensure!(
+        stderr.contains("XDP stays attached"),
+        "no word that XDP stays: {stderr}"
+    );
+    for i in &ifaces {
+        ensure!(
+            has_xdp(lb_ns, i)?,
+            "{i} lost its XDP program when the daemon stopped"
+        );
+    }
+    // No daemon: the pinned program and tables keep forwarding.
+    let tally = topo.run_clients(100, limits, &never)?;
+    ensure!(
+        tally.total() == 100 && tally.per_backend.iter().all(|&n| n > 0),
+        "with no daemon running: {:?}",
+        tally.per_backend
+    );
+    let out = mount_ns.run(
+        &lb_ns.path(),
+        &[HEADROOM, "lb", "detach", "--config", &path],
+    )?;
+    ensure!(out.contains("detached"), "lb detach said: {out}");
     for i in &ifaces {
         ensure!(
             !has_xdp(lb_ns, i)?,
-            "{i} still has an XDP program after SIGTERM"
+            "{i} still has an XDP program after lb detach"
         );
     }
-    ensure!(stderr.contains("detached"), "no detach logged: {stderr}");
     eprintln!("total {:.2?}", started.elapsed());
     Ok(())
 }
 
-fn spawn(ns: &Netns, argv: &[&str]) -> Result<ChildGuard> {
-    let child = ns
-        .command(argv)
+fn spawn(mount_ns: &MountNs, ns: &Netns, argv: &[&str]) -> Result<ChildGuard> {
+    let child = mount_ns
+        .command(&ns.path(), argv)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

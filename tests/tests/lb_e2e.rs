@@ -58,7 +58,7 @@ use headroom::{
 use headroom_tests::{
     require_root,
     topology::{backend_addr, backend_name, ClientLimits, Mode, TcpStats, Topology, VIP, VIP_PORT},
-    RedisServer,
+    PrivateBpffs, RedisServer,
 };
 use lb_common::counter;
 
@@ -372,10 +372,12 @@ fn now_ms() -> i64 {
 }
 
 /// Topology, Redis, reporter and daemon. Field order is drop order: the
-/// daemon detaches first, then the reporter stops, Redis dies, and the
-/// namespaces go.
+/// daemon stops first, its pins are detached, then the reporter stops,
+/// Redis dies, and the namespaces go.
 struct Env {
     daemon: Option<DaemonHandle>,
+    /// The daemon's pin root, detached and unmounted once it stopped.
+    _pins: PrivateBpffs,
     reporter: Reporter,
     redis: RedisServer,
     topo: Topology,
@@ -401,13 +403,19 @@ impl Env {
         let reporter = Reporter::start(topo.balancer_ns().path(), redis.url(), instances)?;
         reporter.wait_written(Instant::now())?;
         let config = config_for(mode, &topo.balancer_interfaces(), &redis.url())?;
+        let pins = PrivateBpffs::mount("e2e")?;
         let daemon = {
             // The daemon's thread starts in this thread's namespace.
             let _inside = topo.balancer_ns().enter_thread()?;
-            Daemon::start(config, RunOptions::default()).context("starting the daemon")?
+            let opts = RunOptions {
+                pin_root: Some(pins.root().to_path_buf()),
+                ..RunOptions::default()
+            };
+            Daemon::start(config, opts).context("starting the daemon")?
         };
         Ok(Env {
             daemon: Some(daemon),
+            _pins: pins,
             reporter,
             redis,
             topo,

@@ -3,31 +3,12 @@
 //! connection table) and replaces the program on the link atomically;
 //! `detach` removes everything.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use aya::programs::XdpMode;
 use headroom::{loader, Balancer, LoadOptions};
-use headroom_tests::{fixture_env::*, packets::*, require_root, run_cmd};
+use headroom_tests::{fixture_env::*, packets::*, require_root, run_cmd, PrivateBpffs};
 use lb_common::{counter, MODE_NAT, PROTO_TCP};
-
-/// A private bpffs mount for this test, unmounted on drop.
-struct BpfFs(PathBuf);
-
-impl BpfFs {
-    fn mount() -> Self {
-        let dir = std::env::temp_dir().join(format!("hr-bpffs-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mount point");
-        run_cmd(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()]).expect("mount bpffs");
-        Self(dir)
-    }
-}
-
-impl Drop for BpfFs {
-    fn drop(&mut self) {
-        let _ = run_cmd(&["umount", "-l", &self.0.to_string_lossy()]);
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
 
 /// The XDP program id attached to `ifname`, if any (from `ip -d link`).
 fn xdp_prog_id(ifname: &str) -> Option<u32> {
@@ -57,8 +38,8 @@ fn root_pinned_state_survives_a_restart() {
     if !require_root("root_pinned_state_survives_a_restart") {
         return;
     }
-    let fs = BpfFs::mount();
-    let dir: &Path = &fs.0.join("headroom").join("test");
+    let fs = PrivateBpffs::mount("pinning").expect("private bpffs");
+    let dir: &Path = &fs.root().join("headroom").join("test");
     let FixtureEnv { ns, lb, fx0, .. } = FixtureEnv::new_pinned(&opts(), dir).expect("fixture env");
     let _inside = ns.enter_thread().expect("enter namespace");
     let mut lb = lb;

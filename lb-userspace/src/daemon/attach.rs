@@ -2,19 +2,21 @@
 //! that keeps it off the interface that carries the host's default route.
 //!
 //! [`attach_or_reuse`] is the one place that decides how the program gets
-//! onto the interfaces. Today it always attaches fresh links (owned by the
-//! process: they go when it exits); with pinning it becomes "reuse the pinned
-//! link if there is one, else attach and pin", behind the same signature.
+//! onto the interfaces: the balancer is loaded pinned, so an interface with
+//! a link pinned by an earlier run gets the new program on that link
+//! atomically (it never runs without the balancer), any other is attached
+//! and its link pinned. Links outlive the daemon; [`detach_pinned`]
+//! (`headroom lb detach`) removes them.
 
-use std::{collections::BTreeSet, ffi::CString, process::Command};
+use std::{collections::BTreeSet, ffi::CString, path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
-use aya::programs::{xdp::XdpLinkId, XdpMode};
+use aya::programs::XdpMode;
 use tracing::{info, warn};
 
 use crate::{
     config::{AttachMode, Config},
-    Balancer,
+    loader, Balancer,
 };
 
 /// One attached interface.
@@ -26,8 +28,8 @@ pub struct Attached {
     pub ifindex: u32,
     /// The group it belongs to.
     pub group: String,
-    /// The link, owned by the balancer program.
-    link: XdpLinkId,
+    /// Whether a link pinned by an earlier run got the new program.
+    pub reused: bool,
 }
 
 /// The interfaces the balancer runs on.
@@ -92,34 +94,60 @@ pub fn attach_or_reuse(lb: &mut Balancer, config: &Config, force: bool) -> Resul
         }
         plan.push((group.name.clone(), iface.name.clone(), index, iface.mode));
     }
+    let dir = lb.pin_dir().map(Path::to_path_buf);
+    let pinned_before: BTreeSet<String> = dir
+        .as_deref()
+        .map(loader::pinned_links)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let mut out = Attachment::default();
     for (group, ifname, ifindex, mode) in plan {
-        let link = lb
-            .program()
-            .attach_to_if_index(ifindex, xdp_mode(mode))
+        let reused = pinned_before.contains(&ifname);
+        lb.attach(&ifname, ifindex, xdp_mode(mode))
             .with_context(|| format!("attaching the balancer to {ifname} ({})", mode.as_str()))?;
+        if reused {
+            info!(interface = %ifname, ifindex, "attached: the pinned link now runs this program (replaced atomically)");
+        } else {
+            info!(interface = %ifname, ifindex, mode = mode.as_str(), "attached");
+        }
         out.interfaces.push(Attached {
-            ifname: ifname.clone(),
+            ifname,
             ifindex,
             group,
-            link,
+            reused,
         });
-        lb.add_tx_port(ifindex)
-            .with_context(|| format!("allowing redirects to {ifname}"))?;
-        info!(interface = %ifname, ifindex, mode = mode.as_str(), "attached");
+    }
+    // Interfaces an earlier run attached to that the config no longer
+    // names: their links would keep the old program running there.
+    if let Some(dir) = &dir {
+        for ifname in pinned_before {
+            if out.interfaces.iter().any(|a| a.ifname == ifname) {
+                continue;
+            }
+            match loader::unpin_link(dir, &ifname) {
+                Ok(()) => info!(interface = %ifname, "no longer configured: detached"),
+                Err(e) => warn!(interface = %ifname, "no longer configured, detaching failed: {e}"),
+            }
+        }
     }
     Ok(out)
 }
 
-/// Detaches every link of `attachment` (errors are logged: the links go with
-/// the program anyway when the balancer drops).
-pub fn detach(lb: &mut Balancer, attachment: Attachment) {
-    for a in attachment.interfaces {
-        match lb.program().detach(a.link) {
-            Ok(()) => info!(interface = %a.ifname, "detached"),
-            Err(e) => warn!(interface = %a.ifname, "detaching: {e}"),
-        }
+/// `headroom lb detach`: removes the links pinned in `dir` (XDP comes off
+/// the interfaces), every pinned map and `dir` itself, then `dir`'s parent
+/// if that is left empty. `Ok(None)` when nothing was pinned there.
+pub fn detach_pinned(dir: &Path) -> Result<Option<loader::Detached>> {
+    if !dir.exists() {
+        return Ok(None);
     }
+    let d = loader::detach(dir).with_context(|| format!("detaching {}", dir.display()))?;
+    // The per-host root (`/sys/fs/bpf/headroom`) goes with its last
+    // balancer; failing because another one is left is expected.
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(Some(d))
 }
 
 /// Interfaces that carry a default route (IPv4 or IPv6, any table) in the

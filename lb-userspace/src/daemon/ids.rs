@@ -12,8 +12,15 @@
 //!   lingering connection-table entry pointing at the id keeps meaning "gone"
 //!   instead of silently landing on whichever backend got the id next (and
 //!   the id's counters are not mixed between two backends within that time).
+//! - **Recovered.** After a restart on pinned maps ([`BackendIds::recovered`])
+//!   the ids the kernel holds keep their meaning: in-use ids are never handed
+//!   out, ids found retired (flags 0) start a fresh quarantine, and only
+//!   empty slots are free.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::{BTreeSet, VecDeque},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -32,6 +39,8 @@ pub struct BackendIds {
     max: u32,
     /// Ids `next..max` were never used.
     next: u32,
+    /// Empty ids below `next` (found so after a restart), lowest first.
+    free: BTreeSet<u32>,
     /// Retired ids with the time they may be reused, oldest first.
     quarantine: VecDeque<(u32, Instant)>,
     quarantine_for: Duration,
@@ -43,7 +52,39 @@ impl BackendIds {
         BackendIds {
             max,
             next: 0,
+            free: BTreeSet::new(),
             quarantine: VecDeque::new(),
+            quarantine_for,
+        }
+    }
+
+    /// Ids `0..max` as an earlier run left them: `in_use` are taken,
+    /// `retired` are quarantined from `now` (a lingering flow may still
+    /// point at them), every other id is free.
+    pub fn recovered(
+        max: u32,
+        quarantine_for: Duration,
+        in_use: &BTreeSet<u32>,
+        retired: &BTreeSet<u32>,
+        now: Instant,
+    ) -> Self {
+        let next = in_use
+            .iter()
+            .chain(retired)
+            .filter(|&&id| id < max)
+            .max()
+            .map_or(0, |&m| m + 1);
+        BackendIds {
+            max,
+            next,
+            free: (0..next)
+                .filter(|id| !in_use.contains(id) && !retired.contains(id))
+                .collect(),
+            quarantine: retired
+                .iter()
+                .filter(|&&id| id < max)
+                .map(|&id| (id, now + quarantine_for))
+                .collect(),
             quarantine_for,
         }
     }
@@ -51,6 +92,9 @@ impl BackendIds {
     /// A free id: a never-used one if any, else the oldest retired one whose
     /// quarantine is over. `None` when every id is in use or quarantined.
     pub fn allocate(&mut self, now: Instant) -> Option<u32> {
+        if let Some(id) = self.free.pop_first() {
+            return Some(id);
+        }
         if self.next < self.max {
             self.next += 1;
             return Some(self.next - 1);
@@ -76,7 +120,7 @@ impl BackendIds {
 
     /// Ids never used so far.
     pub fn never_used(&self) -> u32 {
-        self.max - self.next
+        self.max - self.next + self.free.len() as u32
     }
 }
 
@@ -102,6 +146,25 @@ mod tests {
         assert_eq!(ids.allocate(t0 + q + Duration::from_secs(1)), Some(0));
         assert_eq!(ids.quarantined(), 0);
         assert_eq!(ids.never_used(), 0);
+    }
+
+    #[test]
+    fn recovered_ids_keep_their_meaning() {
+        let t0 = Instant::now();
+        let q = Duration::from_secs(60);
+        let in_use = BTreeSet::from([1, 4]);
+        let retired = BTreeSet::from([2]);
+        let mut ids = BackendIds::recovered(6, q, &in_use, &retired, t0);
+        assert_eq!(ids.quarantined(), 1);
+        assert_eq!(ids.never_used(), 3, "0, 3 and 5 are free");
+        // Empty slots first, never an id in use, the retired one only
+        // after its quarantine.
+        assert_eq!(ids.allocate(t0), Some(0));
+        assert_eq!(ids.allocate(t0), Some(3));
+        assert_eq!(ids.allocate(t0), Some(5));
+        assert_eq!(ids.allocate(t0 + Duration::from_secs(59)), None);
+        assert_eq!(ids.allocate(t0 + q), Some(2));
+        assert_eq!(ids.allocate(t0 + q), None);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! What the daemon knows about itself, for tests now and for the metrics
-//! endpoint and `lb status` later: one snapshot, replaced after every
-//! refresh (cheap to clone, never holds the lock across an await).
+//! What the daemon knows about itself, for tests, the metrics endpoint and
+//! `lb status` (served as JSON by [`crate::admin`]): one snapshot, replaced
+//! after every refresh (cheap to clone, never holds the lock across an await).
 
 use std::{
     net::SocketAddr,
@@ -8,8 +8,11 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use serde::{Deserialize, Serialize};
+
 /// Whether the scoreboard could be read.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
 pub enum RedisState {
     /// No read attempted yet (or no service follows the scoreboard).
     #[default]
@@ -25,8 +28,29 @@ pub enum RedisState {
     },
 }
 
+/// Traffic counters of a service or backend, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (frame length as received).
+    pub bytes: u64,
+    /// Flows assigned (conntrack misses that selected this backend).
+    pub new_flows: u64,
+}
+
+impl From<lb_common::Counters> for Traffic {
+    fn from(c: lb_common::Counters) -> Self {
+        Traffic {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+        }
+    }
+}
+
 /// One backend of a service as the daemon last wrote it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendStatus {
     /// Instance id (scoreboard) or address (static backend).
     pub instance: String,
@@ -42,7 +66,7 @@ pub struct BackendStatus {
 }
 
 /// One service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     /// Service name.
     pub name: String,
@@ -101,8 +125,115 @@ impl ServiceStatus {
     }
 }
 
+/// What the data path and the scoreboard say about one backend (kept next
+/// to [`BackendStatus`], matched by instance).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackendDetail {
+    /// Instance id (scoreboard) or address (static backend).
+    pub instance: String,
+    /// Its backend id, if it has one.
+    pub id: Option<u32>,
+    /// Whether it is draining (out of the table, flows continue).
+    pub draining: bool,
+    /// The load it last reported (0–100); `None` for static backends.
+    pub load: Option<f64>,
+    /// The smoothed load its weight follows; `None` for static backends.
+    pub smoothed_load: Option<f64>,
+    /// Scoreboard time (ms since the Unix epoch) of its last report.
+    pub last_report_ms: Option<i64>,
+    /// Its data-path counters (zero without an id or if the read failed).
+    pub traffic: Traffic,
+    /// Slots it holds in the service's active table.
+    pub slots: u64,
+}
+
+impl BackendDetail {
+    /// Seconds from its last report to `now_ms` (scoreboard clock).
+    pub fn report_age(&self, now_ms: i64) -> Option<f64> {
+        self.last_report_ms
+            .map(|t| now_ms.saturating_sub(t).max(0) as f64 / 1000.0)
+    }
+}
+
+/// What the data path says about one service, and its VIP (kept next to
+/// [`ServiceStatus`], same order).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceDetail {
+    /// Service name.
+    pub name: String,
+    /// The VIP and port clients connect to.
+    pub vip: Option<SocketAddr>,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// `nat` or `dsr`.
+    pub mode: String,
+    /// The service's data-path counters.
+    pub traffic: Traffic,
+    /// Slots (M) of its active table (0: none published).
+    pub table_size: u64,
+    /// Table members, then draining instances.
+    pub backends: Vec<BackendDetail>,
+}
+
+impl ServiceDetail {
+    /// The detail of `instance`.
+    pub fn backend(&self, instance: &str) -> Option<&BackendDetail> {
+        self.backends.iter().find(|b| b.instance == instance)
+    }
+}
+
+/// A cumulative histogram of durations in seconds (Prometheus style: each
+/// bucket counts observations `<=` its bound; `+Inf` is `count`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, seconds, ascending.
+    pub bounds: Vec<f64>,
+    /// Observations `<=` each bound (same length as `bounds`).
+    pub cumulative: Vec<u64>,
+    /// Sum of all observations, seconds.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+/// Bucket bounds of the refresh-latency histogram, seconds: a refresh is
+/// one Redis round trip plus table builds (ms), up to a read timeout (s).
+pub const REFRESH_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&REFRESH_BUCKETS)
+    }
+}
+
+impl Histogram {
+    /// An empty histogram with `bounds` (ascending, seconds).
+    pub fn new(bounds: &[f64]) -> Self {
+        Histogram {
+            bounds: bounds.to_vec(),
+            cumulative: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Adds one observation.
+    pub fn observe(&mut self, d: Duration) {
+        let v = d.as_secs_f64();
+        for (b, c) in self.bounds.iter().zip(self.cumulative.iter_mut()) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+}
+
 /// The daemon's state.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// The scoreboard's state.
     pub redis: RedisState,
@@ -123,12 +254,27 @@ pub struct Status {
     pub global: Vec<u64>,
     /// Every service, in config order.
     pub services: Vec<ServiceStatus>,
+    /// Counters, loads and VIPs of every service, in config order (same
+    /// order as `services`).
+    #[serde(default)]
+    pub details: Vec<ServiceDetail>,
+    /// Durations of the refreshes (one observation per refresh).
+    #[serde(default)]
+    pub refresh_latency: Histogram,
+    /// Scoreboard-clock time (ms since the Unix epoch) of this snapshot.
+    #[serde(default)]
+    pub taken_ms: i64,
 }
 
 impl Status {
     /// The service called `name`.
     pub fn service(&self, name: &str) -> Option<&ServiceStatus> {
         self.services.iter().find(|s| s.name == name)
+    }
+
+    /// The detail of the service called `name`.
+    pub fn detail(&self, name: &str) -> Option<&ServiceDetail> {
+        self.details.iter().find(|s| s.name == name)
     }
 
     /// Global counter `c` (`lb_common::counter::*`), 0 if unknown.
@@ -150,7 +296,19 @@ impl StatusHandle {
             .clone()
     }
 
-    pub(crate) fn set(&self, s: Status) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = s;
+    /// Replaces the snapshot with `s`, carrying the refresh histogram over
+    /// and adding `s.last_refresh` to it when `s` counts a refresh the
+    /// histogram has not seen yet (the status is also updated between
+    /// refreshes).
+    pub(crate) fn set_observing(&self, mut s: Status) {
+        let mut cur = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut h = std::mem::take(&mut cur.refresh_latency);
+        if s.refreshes > h.count {
+            if let Some(d) = s.last_refresh {
+                h.observe(d);
+            }
+        }
+        s.refresh_latency = h;
+        *cur = s;
     }
 }
