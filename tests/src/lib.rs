@@ -5,8 +5,11 @@
 //! Convention: a test that needs root is named `root_*` and starts with
 //! `if !require_root("root_name") { return; }`. `cargo xtask test` skips
 //! those when not root (and fails in CI when not root).
+pub mod bench_e2e;
+pub mod bpffs;
 pub mod cmd;
 pub mod fixture_env;
+pub mod mountns;
 pub mod netns;
 pub mod packets;
 pub mod process;
@@ -17,6 +20,7 @@ use std::net::{Ipv4Addr, TcpListener};
 
 use anyhow::{Context, Result};
 
+pub use bpffs::PrivateBpffs;
 pub use cmd::run_cmd;
 pub use netns::{veth_pair, EnteredNetns, Netns};
 pub use process::ChildGuard;

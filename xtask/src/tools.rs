@@ -4,7 +4,7 @@ use anyhow::Result;
 use crate::{apt::Apt, sh, sys};
 
 /// Debian package and the command it provides.
-const TOOLS: [(&str, &str); 7] = [
+const TOOLS: [(&str, &str); 9] = [
     ("redis-server", "redis-server"),
     ("iproute2", "ip"),
     ("curl", "curl"),
@@ -12,13 +12,19 @@ const TOOLS: [(&str, &str); 7] = [
     ("ethtool", "ethtool"),
     ("iperf3", "iperf3"),
     ("iputils-ping", "ping"),
+    // The e2e benchmark's baselines: nftables DNAT and HAProxy in TCP mode.
+    ("nftables", "nft"),
+    ("haproxy", "haproxy"),
 ];
 
 /// Installs the missing tools when root on Debian. Otherwise only warns:
 /// the tests that need a missing tool fail with their own message, and the
 /// rest can still run.
 pub fn ensure(apt: &mut Apt) -> Result<()> {
-    sh::step("checking runtime tools (redis-server, iproute2, curl, wrk, ethtool, iperf3, ping)");
+    sh::step(
+        "checking runtime tools \
+         (redis-server, iproute2, curl, wrk, ethtool, iperf3, ping, nft, haproxy)",
+    );
     if sys::is_debian() {
         let pkgs: Vec<&str> = TOOLS.iter().map(|(pkg, _)| *pkg).collect();
         let missing = apt.missing(&pkgs);
