@@ -14,14 +14,13 @@
 //! global ones.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
 use aya::maps::MapError;
 use lb_common::{
-    flow_hash, Backend, FlowKey, RevNat, ServiceKey, BACKEND_ACTIVE, FAMILY_V4, FAMILY_V6,
-    PROTO_TCP, PROTO_UDP,
+    flow_hash, Backend, FlowKey, RevNat, ServiceKey, BACKEND_ACTIVE, PROTO_TCP, PROTO_UDP,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -330,27 +329,10 @@ fn reverse_key(key: &FlowKey, b: &Backend) -> FlowKey {
 fn traced(id: u32, b: &Backend) -> TracedBackend {
     TracedBackend {
         id,
-        addr: backend_addr(b),
+        addr: crate::daemon::recover::backend_socket(b),
         instance: None,
         draining: b.flags & lb_common::BACKEND_DRAINING != 0,
     }
-}
-
-/// The socket address of a backend entry (`None` for an unset entry).
-pub fn backend_addr(b: &Backend) -> Option<SocketAddr> {
-    let port = u16::from_be(b.port);
-    let ip = match b.family {
-        FAMILY_V4 => IpAddr::V4(Ipv4Addr::from(b.addr[0].to_ne_bytes())),
-        FAMILY_V6 => {
-            let mut o = [0u8; 16];
-            for (i, w) in b.addr.iter().enumerate() {
-                o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(o))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
 }
 
 fn get_opt<V>(r: Result<V, MapError>, what: &'static str) -> Result<Option<V>, TraceError> {
@@ -505,6 +487,7 @@ fn fold(mut s: u32) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::{FAMILY_V4, FAMILY_V6};
 
     fn req(src: &str, dst: &str, proto: Proto) -> TraceRequest {
         TraceRequest {
@@ -572,13 +555,19 @@ mod tests {
             family: FAMILY_V4,
             flags: BACKEND_ACTIVE,
         };
-        assert_eq!(backend_addr(&b), Some("10.91.1.2:8080".parse().unwrap()));
+        assert_eq!(
+            crate::daemon::recover::backend_socket(&b),
+            Some("10.91.1.2:8080".parse().unwrap())
+        );
         let b6 = Backend {
             addr: addr_words("fd00::7".parse().unwrap()),
             port: 80u16.to_be(),
             family: FAMILY_V6,
             flags: 0,
         };
-        assert_eq!(backend_addr(&b6), Some("[fd00::7]:80".parse().unwrap()));
+        assert_eq!(
+            crate::daemon::recover::backend_socket(&b6),
+            Some("[fd00::7]:80".parse().unwrap())
+        );
     }
 }
