@@ -490,6 +490,20 @@ async fn concurrent_duplicate_starts_make_one_process() {
     assert!(!alive(*pids.iter().next().unwrap()));
 }
 
+/// The command line of `pid` once it has exec'ed `program`: the agent
+/// answers after spawning, and the child may still be between fork and
+/// exec (its cmdline then is empty or the agent's). Waits up to 5 s.
+async fn exec_cmdline(pid: u64, program: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let c = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if c.starts_with(program) || std::time::Instant::now() > deadline {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Run futures concurrently on this task (no extra dependency).
 async fn futures_join_all<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let mut set: Vec<std::pin::Pin<Box<F>>> = fs.map(Box::pin).collect();
@@ -524,7 +538,7 @@ async fn start_is_idempotent_stop_escalates_exits_are_reported() {
     let pid = v["pid"].as_u64().unwrap();
     assert!(alive(pid));
     assert_eq!(
-        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap(),
+        exec_cmdline(pid, "/usr/bin/sleep").await,
         "/usr/bin/sleep\x00120\x00"
     );
     // Own process group, so a stop reaches everything it spawned.
