@@ -7,8 +7,9 @@
 //!   only if it still holds our `<holder>#<token>`).
 //! - Fencing: every state-changing write of a holder goes through
 //!   [`Fence::exec`], a Lua script that first checks `{prefix}:fence` and
-//!   refuses when a newer token has been issued. A paused old leader whose
-//!   lease expired and was taken over therefore cannot write any more.
+//!   refuses unless it still equals the holder's token. A paused old leader
+//!   whose lease expired and was taken over therefore cannot write any more,
+//!   also when Redis lost its data and the counter started again.
 //!
 //! [`LeaseKeeper`] runs the acquire/renew loop and publishes the current
 //! role; a holder counts itself leader only until its last successful
@@ -27,8 +28,9 @@ pub enum LeaseError {
     /// Redis could not be reached or answered an error.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    /// A newer fencing token exists: this holder has been superseded.
-    #[error("fenced: token {token} is older than the current token {current}")]
+    /// The fencing counter moved past this holder's token (or was lost with
+    /// Redis's data): this holder has been superseded.
+    #[error("fenced: token {token} is not the current token {current}")]
     Fenced {
         /// The token the write carried.
         token: u64,
@@ -82,11 +84,14 @@ return 0
 "#;
 
 // ARGV[1] = token, then for each command: argc, args... Commands run only
-// if no newer token was issued; all in one atomic step.
+// if the counter still equals the token (each acquisition increments it, so
+// equality means no one acquired since; `>` alone would let an old token
+// through after Redis lost the counter and restarted it below); all in one
+// atomic step.
 const FENCED_EXEC: &str = r#"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local tok = tonumber(ARGV[1])
-if cur > tok then return {0, tostring(cur)} end
+if cur ~= tok then return {0, tostring(cur)} end
 local i = 2
 local out = {}
 while i <= #ARGV do
@@ -135,7 +140,7 @@ pub struct Fence {
 
 impl Fence {
     /// Runs `cmds` (each a full Redis command, e.g. `["HSET", k, f, v]`)
-    /// atomically, only if no newer token than ours exists. Returns each
+    /// atomically, only if the fencing counter still holds our token. Returns each
     /// command's reply. Keys are passed as arguments, so this is for a
     /// single (non-cluster) Redis, which is what Headroom uses.
     pub async fn exec<C: redis::aio::ConnectionLike>(

@@ -287,10 +287,12 @@ const SHELL_META: &[char] = &[
     '~', '!', '#', '\n', '\r', '\t', ' ', '\0',
 ];
 
-/// `[A-Za-z0-9_-]{1,64}`: instance ids and `ident` parameters.
+/// `[A-Za-z0-9][A-Za-z0-9_-]{0,63}`: instance ids and `ident` parameters.
+/// The first character is alphanumeric so that a value substituted as a
+/// whole argv element can never read as an option (`-rf`, `--privileged`).
 pub fn valid_ident(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
+    s.len() <= 64
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
@@ -309,7 +311,10 @@ pub fn ident_refusal(s: &str) -> String {
     if s.len() > 64 {
         return "longer than 64 bytes".into();
     }
-    "must match [A-Za-z0-9_-]{1,64}".into()
+    if s.starts_with('-') || s.starts_with('_') {
+        return "starts with `-` or `_` (it could read as an option)".into();
+    }
+    "must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}".into()
 }
 
 impl ParamType {
@@ -919,6 +924,13 @@ argv = ["docker", "stop", "hr-{instance_id}"]
         }
         assert!(id.check(&json!("../x")).unwrap_err().contains("path"));
         assert!(id.check(&json!("a;b")).unwrap_err().contains("';'"));
+        // A whole argv element must not read as an option.
+        for opt in ["-rf", "--privileged", "_x"] {
+            assert!(
+                id.check(&json!(opt)).unwrap_err().contains("option"),
+                "{opt}"
+            );
+        }
         let port = ParamType::Port {
             min: 8000,
             max: 8100,

@@ -161,3 +161,49 @@ async fn keepers_elect_one_leader_and_a_killed_leader_is_replaced() {
         .unwrap();
     assert_eq!(v, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_token_is_refused_after_redis_lost_the_counter() {
+    let r = RedisServer::start();
+    let mut c = conn(&r).await;
+    let a = Lease::new("t", "a", Duration::from_secs(30));
+    let b = Lease::new("t", "b", Duration::from_secs(30));
+    // a leads with token 3 (two earlier leaderships).
+    for _ in 0..2 {
+        let f = leader(a.try_acquire(&mut c).await.unwrap());
+        assert!(a.release(&mut c, f.token).await.unwrap());
+    }
+    let fa = leader(a.try_acquire(&mut c).await.unwrap());
+    assert_eq!(fa.token, 3);
+    // Redis loses everything (restart without persistence); b leads with
+    // token 1, below a's.
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    let fb = leader(b.try_acquire(&mut c).await.unwrap());
+    assert_eq!(fb.token, 1);
+    let err = fa
+        .exec(&mut c, &[cmd_args!("SET", "owner", "a-stale")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LeaseError::Fenced {
+                token: 3,
+                current: 1
+            }
+        ),
+        "{err}"
+    );
+    fb.exec(&mut c, &[cmd_args!("SET", "owner", "b")])
+        .await
+        .unwrap();
+    let owner: String = redis::cmd("GET")
+        .arg("owner")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(owner, "b");
+}
