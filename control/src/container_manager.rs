@@ -158,6 +158,7 @@ pub async fn start_container_manager(
     let role = keeper.subscribe();
     let (stop, stop_rx) = watch::channel(false);
     let mgr = Manager {
+        role: role.clone(),
         client: AgentClient::new(
             args.access_key_id.clone(),
             args.secret.clone(),
@@ -195,6 +196,9 @@ struct Manager {
     client: AgentClient,
     windows: HashMap<String, ServiceLoop>,
     epoch: Instant,
+    /// The lease role, looked at again right before every agent call: a
+    /// round can outlast the leadership it started with.
+    role: watch::Receiver<Role>,
 }
 
 /// Why a round for one service failed (it is retried next round).
@@ -274,6 +278,12 @@ impl Manager {
             }
         }
         info!("container-manager stopped");
+    }
+
+    /// Whether we still lead with `fence` (checked before side effects
+    /// outside Redis, which the fence cannot guard).
+    fn leading_with(&self, fence: &Fence) -> bool {
+        self.role.borrow().fence() == Some(fence)
     }
 
     /// One scaling round for one service.
@@ -472,6 +482,10 @@ impl Manager {
                 return Ok(());
             }
         };
+        if !self.leading_with(fence) {
+            warn!(service = %svc, instance = %r.id, "lease lost: not calling the agent; the next leader completes the intent");
+            return Ok(());
+        }
         match self.client.start(&url, &r.id, svc, &r.params).await {
             Ok(_) => {
                 r.phase = Phase::Running;
@@ -563,6 +577,10 @@ impl Manager {
             warn!(service = %svc, instance = %r.id, "bad agent URL in record");
             return Ok(false);
         };
+        if !self.leading_with(fence) {
+            warn!(service = %svc, instance = %r.id, "lease lost: not stopping; the next leader does");
+            return Ok(false);
+        }
         if let Err(e) = self.client.stop(&url, &r.id).await {
             warn!(service = %svc, instance = %r.id, error = %e, "stop not confirmed; will retry");
             return Ok(false);
