@@ -282,7 +282,7 @@ pub async fn run_shim(args: ShimArgs) -> anyhow::Result<()> {
 }
 
 /// How often a running shim writes its registration again.
-const REREGISTER_EVERY: Duration = Duration::from_secs(5);
+pub const REREGISTER_EVERY: Duration = Duration::from_secs(5);
 
 /// Registers the instance (scoreboard address, permission-DB observer) until
 /// shutdown aborts it: first with backoff until Redis answers, then every
