@@ -712,41 +712,16 @@ fn formula_weight(load: f64) -> u32 {
 }
 
 fn config_text(interfaces: &[String], redis_url: &str) -> String {
-    let mut text = format!(
-        r#"
-name = "observe"
-metrics_listen = "{ADMIN}"
-
-[scoreboard]
-redis_url = "{redis_url}"
-refresh_interval = "{}ms"
-ttl = "{}s"
-
-[weights]
-ewma_alpha = 1
-dead_band = 0.01
-ramp_up = "0s"
-
-[datapath]
-conntrack_size = 65536
-max_services = 2
-max_backends = 64
-
-[[group]]
-name = "observe"
-"#,
-        REFRESH.as_millis(),
-        TTL.as_secs()
-    );
-    for i in interfaces {
-        text.push_str(&format!(
-            "[[group.interface]]\nname = \"{i}\"\nmode = \"native\"\n"
-        ));
-    }
-    text.push_str(&format!(
-        "[[group.service]]\nname = \"{SERVICE}\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\nmode = \"nat\"\n"
-    ));
-    text
+    headroom_tests::topology::scoreboard_daemon_config(
+        "observe",
+        Some(ADMIN.parse().expect("ADMIN is an address")),
+        redis_url,
+        REFRESH,
+        TTL,
+        interfaces,
+        SERVICE,
+        "nat",
+    )
 }
 
 /// Writes every instance's address, load and report time, as any reporter

@@ -824,6 +824,42 @@ impl Drop for NetnsBackstop {
     }
 }
 
+/// The config text of a daemon that follows the scoreboard for one service
+/// (`web`-style: `service` on VIP:VIP_PORT in `mode`) on `interfaces`, with
+/// the test knobs: no smoothing (`ewma_alpha = 1`), a 1 % dead-band and no
+/// ramp-up, so a new load shows in the weights at the next refresh.
+#[allow(clippy::too_many_arguments)] // one test knob each, named at the call
+pub fn scoreboard_daemon_config(
+    name: &str,
+    metrics_listen: Option<std::net::SocketAddr>,
+    redis_url: &str,
+    refresh: Duration,
+    ttl: Duration,
+    interfaces: &[String],
+    service: &str,
+    mode: &str,
+) -> String {
+    let listen = metrics_listen.map_or(String::new(), |a| format!("metrics_listen = \"{a}\"\n"));
+    let mut text = format!(
+        "name = \"{name}\"\n{listen}\n[scoreboard]\nredis_url = \"{redis_url}\"\n\
+         refresh_interval = \"{}ms\"\nttl = \"{}ms\"\n\n\
+         [weights]\newma_alpha = 1\ndead_band = 0.01\nramp_up = \"0s\"\n\n\
+         [datapath]\nconntrack_size = 65536\nmax_services = 2\nmax_backends = 64\n\n\
+         [[group]]\nname = \"{name}\"\n",
+        refresh.as_millis(),
+        ttl.as_millis()
+    );
+    for i in interfaces {
+        text.push_str(&format!(
+            "[[group.interface]]\nname = \"{i}\"\nmode = \"native\"\n"
+        ));
+    }
+    text.push_str(&format!(
+        "[[group.service]]\nname = \"{service}\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\nmode = \"{mode}\"\n"
+    ));
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -553,39 +553,16 @@ fn run_clients_on(topo: &Topology, count: usize) -> Result<Vec<u64>> {
 }
 
 fn config_for(mode: Mode, interfaces: &[String], redis_url: &str) -> Result<Config> {
-    let mut text = format!(
-        r#"
-name = "e2e"
-
-[scoreboard]
-redis_url = "{redis_url}"
-refresh_interval = "{}ms"
-ttl = "{}ms"
-
-[weights]
-ewma_alpha = 1
-dead_band = 0.01
-ramp_up = "0s"
-
-[datapath]
-conntrack_size = 65536
-max_services = 2
-max_backends = 64
-
-[[group]]
-name = "e2e"
-"#,
-        REFRESH.as_millis(),
-        TTL.as_millis()
+    let text = headroom_tests::topology::scoreboard_daemon_config(
+        "e2e",
+        None,
+        redis_url,
+        REFRESH,
+        TTL,
+        interfaces,
+        SERVICE,
+        &mode.to_string(),
     );
-    for i in interfaces {
-        text.push_str(&format!(
-            "[[group.interface]]\nname = \"{i}\"\nmode = \"native\"\n"
-        ));
-    }
-    text.push_str(&format!(
-        "[[group.service]]\nname = \"{SERVICE}\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\nmode = \"{mode}\"\n"
-    ));
     text.parse::<Config>()
         .map_err(|e| anyhow::anyhow!("test config: {e}\n{text}"))
 }

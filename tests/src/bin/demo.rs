@@ -254,39 +254,16 @@ impl Env {
 /// following the scoreboard. `ewma_alpha = 1` and no ramp-up, so a new
 /// load shows in the weights at the next refresh.
 fn demo_config(interfaces: &[String], redis_url: &str) -> Result<Config> {
-    let mut text = format!(
-        r#"
-name = "demo"
-
-[scoreboard]
-redis_url = "{redis_url}"
-refresh_interval = "{}ms"
-ttl = "{}ms"
-
-[weights]
-ewma_alpha = 1
-dead_band = 0.01
-ramp_up = "0s"
-
-[datapath]
-conntrack_size = 65536
-max_services = 2
-max_backends = 64
-
-[[group]]
-name = "demo"
-"#,
-        REFRESH.as_millis(),
-        TTL.as_millis()
+    let text = headroom_tests::topology::scoreboard_daemon_config(
+        "demo",
+        None,
+        redis_url,
+        REFRESH,
+        TTL,
+        interfaces,
+        SERVICE,
+        &MODE.to_string(),
     );
-    for i in interfaces {
-        text.push_str(&format!(
-            "[[group.interface]]\nname = \"{i}\"\nmode = \"native\"\n"
-        ));
-    }
-    text.push_str(&format!(
-        "[[group.service]]\nname = \"{SERVICE}\"\nvip = \"{VIP}\"\nport = {VIP_PORT}\nmode = \"{MODE}\"\n"
-    ));
     text.parse::<Config>()
         .map_err(|e| anyhow::anyhow!("demo config: {e}\n{text}"))
 }
