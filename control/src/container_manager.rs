@@ -9,9 +9,10 @@
 //!   restarted after a crash completes a recorded intent with the same id
 //!   instead of starting a duplicate. Once started, a load-balanced
 //!   instance enters the balancer's backends (scoreboard `addr` hash).
-//! - **down**: picks the least-loaded (then newest) instance, removes it
-//!   from the balancer (existing flows continue), waits the cool-down, then
-//!   stops it through its agent and forgets it.
+//! - **down**: picks the least-loaded (then newest) instance, marks it in
+//!   the scoreboard's drain set (the balancer sends it no new flow; existing
+//!   flows continue), waits the cool-down, then stops it through its agent
+//!   and forgets it.
 //!
 //! Every decision is logged and recorded in `headroom:cm:decisions`.
 //! See docs/CONTAINER_MANAGER.md.
@@ -32,7 +33,7 @@ use crate::agent::parse_duration;
 use crate::lease::{Fence, Lease, LeaseKeeper, Role};
 use crate::registry::{ParamType, Registry, ServiceSpec, INSTANCE_ID_PARAM};
 use crate::scaling::{decide, Decision, LoadWindow, Observation, ScalingPolicy, Timing};
-use crate::scoreboard::{addr_key, load_key, seen_key};
+use crate::scoreboard::{addr_key, drain_key, load_key, seen_key};
 use agent_client::{AgentCallError, AgentClient};
 use state::{DecisionRecord, InstanceRecord, Phase};
 
@@ -553,7 +554,9 @@ impl Manager {
             r.drain_since_ms = Some(now_ms);
             info!(service = %svc, instance = %r.id, "draining");
             cmds.push(state::put_cmd(svc, &r));
-            cmds.push(vec!["HDEL".into(), addr_key(svc), r.id.clone()]);
+            // Keep the address: without it the balancer retires the backend
+            // and its open connections break; the mark drains it instead.
+            cmds.push(vec!["SADD".into(), drain_key(svc), r.id.clone()]);
         }
         cmds.push(vec![
             "HSET".into(),
@@ -588,6 +591,7 @@ impl Manager {
         let cmds = vec![
             vec!["HDEL".into(), state::instances_key(svc), r.id.clone()],
             vec!["HDEL".into(), addr_key(svc), r.id.clone()],
+            vec!["SREM".into(), drain_key(svc), r.id.clone()],
             vec!["ZREM".into(), load_key(svc), r.id.clone()],
             vec!["ZREM".into(), seen_key(svc), r.id.clone()],
         ];

@@ -22,6 +22,12 @@ pub fn addr_key(service: &str) -> String {
     format!("headroom:sb:{{{service}}}:addr")
 }
 
+/// `headroom:sb:{S}:drain` — set of instance ids being drained (scale-in):
+/// out of new tables, their flows continue, until the address is removed.
+pub fn drain_key(service: &str) -> String {
+    format!("headroom:sb:{{{service}}}:drain")
+}
+
 /// Service names: `[A-Za-z0-9._-]{1,64}`.
 pub fn valid_service(s: &str) -> bool {
     crate::keystore::valid_name(s)

@@ -10,6 +10,7 @@
 //! ZRANGE headroom:sb:{S}:load 0 -1 WITHSCORES
 //! ZRANGE headroom:sb:{S}:seen 0 -1 WITHSCORES
 //! HGETALL headroom:sb:{S}:addr
+//! SMEMBERS headroom:sb:{S}:drain
 //! ```
 //!
 //! **Validation.** Every entry is checked on its own; a bad entry is skipped
@@ -49,15 +50,16 @@ use std::{
 };
 
 use headroom_control::scoreboard::{
-    addr_key, load_key, seen_key, valid_instance, valid_service, SERVICES_SET,
+    addr_key, drain_key, load_key, seen_key, valid_instance, valid_service, SERVICES_SET,
 };
 use redis::{
     aio::{ConnectionLike, MultiplexedConnection},
     AsyncConnectionConfig, Value,
 };
 
-/// Commands per service in the pipeline (ZRANGE load, ZRANGE seen, HGETALL addr).
-pub const COMMANDS_PER_SERVICE: usize = 3;
+/// Commands per service in the pipeline (ZRANGE load, ZRANGE seen, HGETALL
+/// addr, SMEMBERS drain).
+pub const COMMANDS_PER_SERVICE: usize = 4;
 
 /// Instance ids in [`Skipped`] are cut to this many characters.
 const MAX_SHOWN: usize = 160;
@@ -127,6 +129,8 @@ pub struct InstanceEntry {
     pub seen_ms: Option<i64>,
     /// Address, from `:addr`.
     pub addr: Option<Address>,
+    /// Marked for draining in `:drain` (scale-in): no new flows.
+    pub drain: bool,
 }
 
 impl InstanceEntry {
@@ -172,6 +176,8 @@ pub enum Piece {
     Seen,
     /// `headroom:sb:{S}:addr`
     Addr,
+    /// `headroom:sb:{S}:drain`
+    Drain,
 }
 
 impl fmt::Display for Piece {
@@ -180,6 +186,7 @@ impl fmt::Display for Piece {
             Piece::Load => "load",
             Piece::Seen => "seen",
             Piece::Addr => "addr",
+            Piece::Drain => "drain",
         })
     }
 }
@@ -229,7 +236,7 @@ pub struct ServiceSnapshot {
     pub service: String,
     /// Every instance id that has at least one valid piece, in id order.
     pub instances: BTreeMap<String, InstanceEntry>,
-    /// The entries skipped as malformed, in key order (load, seen, addr).
+    /// The entries skipped as malformed, in key order (load, seen, addr, drain).
     pub skipped: Vec<Skipped>,
 }
 
@@ -358,7 +365,9 @@ pub fn read_pipeline<S: AsRef<str>>(services: &[S]) -> redis::Pipeline {
             .arg(-1)
             .arg("WITHSCORES")
             .cmd("HGETALL")
-            .arg(addr_key(s));
+            .arg(addr_key(s))
+            .cmd("SMEMBERS")
+            .arg(drain_key(s));
     }
     p
 }
@@ -412,25 +421,27 @@ pub fn parse_replies<S: AsRef<str>>(
     let mut it = replies.into_iter();
     for s in services {
         let s = s.as_ref();
-        let (load, seen, addr) = (
+        let (load, seen, addr, drain) = (
+            it.next().unwrap_or_default(),
             it.next().unwrap_or_default(),
             it.next().unwrap_or_default(),
             it.next().unwrap_or_default(),
         );
         out.services
-            .insert(s.to_string(), parse_service(s, load, seen, addr));
+            .insert(s.to_string(), parse_service(s, load, seen, addr, drain));
     }
     Ok(out)
 }
 
-/// Parses one service's three replies (ZRANGE load, ZRANGE seen, HGETALL
-/// addr). Entry-level problems are skipped and recorded; a wrong key type or
-/// reply shape makes the whole service [`Malformed`].
+/// Parses one service's four replies (ZRANGE load, ZRANGE seen, HGETALL
+/// addr, SMEMBERS drain). Entry-level problems are skipped and recorded; a
+/// wrong key type or reply shape makes the whole service [`Malformed`].
 pub fn parse_service(
     service: &str,
     load: Value,
     seen: Value,
     addr: Value,
+    drain: Value,
 ) -> Result<ServiceSnapshot, Malformed> {
     let mut snap = ServiceSnapshot {
         service: service.to_string(),
@@ -446,6 +457,10 @@ pub fn parse_service(
     })?;
     let addr = pairs(addr).map_err(|detail| Malformed {
         key: addr_key(service),
+        detail,
+    })?;
+    let drain = members(drain).map_err(|detail| Malformed {
+        key: drain_key(service),
         detail,
     })?;
 
@@ -508,6 +523,11 @@ pub fn parse_service(
             ),
         }
     }
+    for member in drain {
+        if let Some(id) = instance_id(&member, Piece::Drain, &mut snap.skipped) {
+            snap.instances.entry(id).or_default().drain = true;
+        }
+    }
     Ok(snap)
 }
 
@@ -559,6 +579,16 @@ fn number(v: &Value) -> Result<f64, String> {
             let s = text(v).ok_or_else(|| format!("{v:?}"))?;
             s.trim().parse::<f64>().map_err(|_| s)
         }
+    }
+}
+
+/// `SMEMBERS`: an array (RESP2) or a set (RESP3); a missing key is empty.
+fn members(v: Value) -> Result<Vec<Value>, String> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        Value::ServerError(e) => Err(e.to_string()),
+        other => Err(format!("unexpected reply {other:?}")),
     }
 }
 
@@ -827,6 +857,7 @@ mod tests {
             flat(&["a", "20", "b", "42.5"]),
             flat(&["a", "1000", "b", "2000.9"]),
             flat(&["a", "10.0.0.1:80", "b", "10.0.0.2:80;node=n1"]),
+            flat(&["b"]),
         )
         .unwrap();
         let pair = |m: &str, v: f64| Value::Array(vec![bulk(m), Value::Double(v)]);
@@ -838,9 +869,11 @@ mod tests {
                 (bulk("a"), bulk("10.0.0.1:80")),
                 (bulk("b"), bulk("10.0.0.2:80;node=n1")),
             ]),
+            Value::Set(vec![bulk("b")]),
         )
         .unwrap();
         assert_eq!(r2, r3);
+        assert!(r2.instances["b"].drain && !r2.instances["a"].drain);
         assert_eq!(r2.skipped_count(), 0);
         let b = &r2.instances["b"];
         assert_eq!(b.load, Some(42.5));
@@ -859,10 +892,13 @@ mod tests {
             ]),
             flat(&["ok", "1", "neg", "-5", "big", "1e300", "inf", "inf"]),
             flat(&["ok", "10.0.0.1:80", "neg", "nope", "x{y}", "10.0.0.1:81"]),
+            flat(&["bad id"]),
         )
         .unwrap();
-        // load: hi, neg, inf, "bad id", nan; seen: neg, big, inf; addr: neg, x{y}
-        assert_eq!(s.skipped_count(), 10, "{:#?}", s.skipped);
+        // load: hi, neg, inf, "bad id", nan; seen: neg, big, inf; addr: neg,
+        // x{y}; drain: "bad id"
+        assert_eq!(s.skipped_count(), 11, "{:#?}", s.skipped);
+        assert_eq!(s.skipped[10].piece, Piece::Drain);
         assert_eq!(
             s.skipped[0],
             Skipped {
@@ -891,14 +927,17 @@ mod tests {
             Value::Array(vec![Value::BulkString(vec![0xff, 0xfe]), bulk("1")]),
             Value::Array(vec![]),
             Value::Nil,
+            Value::Nil,
         )
         .unwrap();
         assert_eq!(s.skipped_count(), 1);
         assert_eq!(s.skipped[0].reason, SkipReason::InvalidInstance);
-        let e = parse_service("api", flat(&["a"]), flat(&[]), flat(&[])).unwrap_err();
+        let e = parse_service("api", flat(&["a"]), flat(&[]), flat(&[]), Value::Nil).unwrap_err();
         assert_eq!(e.key, "headroom:sb:{api}:load");
-        let e = parse_service("api", flat(&[]), flat(&[]), Value::Int(3)).unwrap_err();
+        let e = parse_service("api", flat(&[]), flat(&[]), Value::Int(3), Value::Nil).unwrap_err();
         assert_eq!(e.key, "headroom:sb:{api}:addr");
+        let e = parse_service("api", flat(&[]), flat(&[]), flat(&[]), Value::Int(1)).unwrap_err();
+        assert_eq!(e.key, "headroom:sb:{api}:drain");
     }
 
     #[test]
@@ -908,6 +947,7 @@ mod tests {
             flat(&["reported", "10", "noaddr", "10"]),
             flat(&["reported", "5", "noaddr", "5"]),
             flat(&["reported", "10.0.0.1:80", "registered", "10.0.0.2:80"]),
+            Value::Nil,
         )
         .unwrap();
         assert!(s.instances["reported"].missing().is_none());
@@ -931,13 +971,14 @@ mod tests {
     }
 
     #[test]
-    fn pipeline_has_three_commands_per_service_and_no_multi() {
+    fn pipeline_has_four_commands_per_service_and_no_multi() {
         let p = read_pipeline(&["a", "b"]);
-        assert_eq!(p.len(), 6);
+        assert_eq!(p.len(), 8);
         assert!(!p.is_transaction());
         let packed = String::from_utf8_lossy(&p.get_packed_pipeline()).into_owned();
         assert!(packed.contains("headroom:sb:{a}:load"));
         assert!(packed.contains("headroom:sb:{b}:addr"));
+        assert!(packed.contains("headroom:sb:{b}:drain"));
         assert!(!packed.contains("MULTI"));
     }
 

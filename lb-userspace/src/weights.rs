@@ -61,7 +61,10 @@
 //! applies). An instance with an address but no fresh report that was never
 //! in the table is draining too (after a daemon restart, pinned flows may
 //! point at it). An instance without an address (unregistered, or never
-//! registered) is not a backend: it is removed.
+//! registered) is not a backend: it is removed. An instance marked in the
+//! scoreboard's `:drain` set (scale-in by the container-manager) is draining
+//! at once, whatever it reports, until the mark or its address goes; if that
+//! would leave no instance in the table, the table is held instead (below).
 //!
 //! # Staleness and the held table
 //!
@@ -369,6 +372,12 @@ impl ServiceWeights {
         for (id, e) in &snap.instances {
             let Some(addr) = &e.addr else { continue };
             registered.insert(id.as_str(), addr);
+            if e.drain {
+                // Marked for draining (scale-in): out of the table whatever
+                // it reports; unmarked, it re-enters as a new instance.
+                self.states.remove(id.as_str());
+                continue;
+            }
             let sample = match (e.load, e.seen_ms) {
                 (Some(l), Some(s)) if p.is_fresh(s, now_ms) => Some((l, s)),
                 _ => None,
@@ -569,6 +578,7 @@ mod tests {
                             load,
                             seen_ms,
                             addr: a.map(addr),
+                            drain: false,
                         },
                     )
                 })
@@ -661,6 +671,44 @@ mod tests {
         for (field, p) in cases {
             assert_eq!(p.validate().unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn drain_mark_takes_a_fresh_instance_out_until_unmarked_but_never_empties() {
+        let p = Policy::default();
+        let mut sw = ServiceWeights::new(p);
+        let base = loads(&[("a", 20.0), ("b", 50.0)], T0);
+        let d = sw.update(&base, T0);
+        assert_eq!(w(&d), vec![("a", 8000), ("b", 5000)]);
+        // b marked: out of the table at once although fresh, still draining
+        // (its backend entry stays, its flows continue).
+        let mut marked = loads(&[("a", 20.0), ("b", 50.0)], T0 + 1000);
+        marked.instances.get_mut("b").unwrap().drain = true;
+        let d = sw.update(&marked, T0 + 1000);
+        assert!(d.rebuild && !d.held);
+        assert_eq!(d.reason, Some(RebuildReason::Membership));
+        assert_eq!(w(&d), vec![("a", 8000)]);
+        assert_eq!(draining(&d), vec!["b"]);
+        assert!(d.removed.is_empty());
+        // Unmarked: b re-enters as a new instance, ramped.
+        let d = sw.update(&loads(&[("a", 20.0), ("b", 50.0)], T0 + 2000), T0 + 2000);
+        assert!(d.rebuild);
+        assert!(draining(&d).is_empty());
+        let wb = d.weights.iter().find(|x| x.instance == "b").unwrap().weight;
+        assert!(wb < 5000, "b ramps up again, weight {wb}");
+        // Marking every instance would empty the table: held instead.
+        let mut all = loads(&[("a", 20.0), ("b", 50.0)], T0 + 3000);
+        for e in all.instances.values_mut() {
+            e.drain = true;
+        }
+        let d = sw.update(&all, T0 + 3000);
+        assert!(d.held && !d.rebuild);
+        assert_eq!(d.weights.len(), 2);
+        // Address gone: removed.
+        let mut gone = loads(&[("a", 20.0), ("b", 50.0)], T0 + 4000);
+        gone.instances.get_mut("b").unwrap().addr = None;
+        let d = sw.update(&gone, T0 + 4000);
+        assert_eq!(d.removed, vec!["b".to_string()]);
     }
 
     #[test]
