@@ -289,20 +289,40 @@ impl Balancer {
     /// calling thread's network namespace) and lets it redirect there. When
     /// loaded pinned, the XDP link is pinned too, and a link pinned by an
     /// earlier run has its program replaced atomically instead: the
-    /// interface never runs without the balancer.
+    /// interface never runs without the balancer. A pinned link of an
+    /// interface that was deleted (and maybe recreated under the same name)
+    /// is dropped and the new interface attached. Returns whether a pinned
+    /// link was reused.
     pub fn attach(
         &mut self,
         ifname: &str,
         ifindex: u32,
         mode: XdpMode,
-    ) -> Result<(), BalancerError> {
+    ) -> Result<bool, BalancerError> {
         let name = programs::BALANCER;
         let perr = move |source| BalancerError::Program { name, source };
         let pin = self
             .pin_dir
             .as_ref()
             .map(|d| d.join(format!("link-{ifname}")));
+        if let (Some(path), Some(dir)) = (&pin, &self.pin_dir) {
+            if path.exists() {
+                let linked = pin::xdp_link_ifindex(path)?;
+                if linked != ifindex {
+                    // Updating a defunct link fails, and one of another
+                    // interface would leave this one without the balancer.
+                    tracing::warn!(
+                        interface = ifname,
+                        ifindex,
+                        pinned_ifindex = linked,
+                        "the pinned link belongs to an interface that is gone: attaching anew"
+                    );
+                    unpin_link(dir, ifname)?;
+                }
+            }
+        }
         let prog = self.program();
+        let reused = pin.as_ref().is_some_and(|p| p.exists());
         match pin {
             Some(path) if path.exists() => {
                 let pinned = PinnedLink::from_pin(&path)
@@ -325,7 +345,8 @@ impl Balancer {
                 prog.attach_to_if_index(ifindex, mode).map_err(perr)?;
             }
         }
-        self.add_tx_port(ifindex)
+        self.add_tx_port(ifindex)?;
+        Ok(reused)
     }
 
     /// Checks that maps an earlier run pinned have the shape this program
@@ -787,20 +808,14 @@ mod pin {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     /// `enum bpf_cmd` values (linux/bpf.h).
     const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     const BPF_LINK_DETACH: libc::c_long = 34;
+    /// `enum bpf_link_type`.
+    const BPF_LINK_TYPE_XDP: u32 = 6;
 
-    /// Detaches the link pinned at `path` from its hook now
-    /// (`BPF_LINK_DETACH`). Removing the pin alone frees the link, and so
-    /// takes XDP off the interface, only when the kernel gets to it.
-    pub fn detach_link(path: &Path) -> Result<(), BalancerError> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let err = |what: &str| {
-            BalancerError::Pin(format!(
-                "{what} {}: {}",
-                path.display(),
-                std::io::Error::last_os_error()
-            ))
-        };
+    /// Opens the object pinned at `path` (`BPF_OBJ_GET`).
+    fn open_pinned(path: &Path) -> Result<std::os::fd::OwnedFd, BalancerError> {
+        use std::os::fd::{FromRawFd, OwnedFd};
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
             .map_err(|_| BalancerError::Pin(format!("{}: NUL in path", path.display())))?;
         // union bpf_attr, BPF_OBJ_GET part.
@@ -826,10 +841,26 @@ mod pin {
             )
         };
         if fd < 0 {
-            return Err(err("opening"));
+            return Err(last_err("opening", path));
         }
         // SAFETY: the kernel just returned this fd to us; it is ours to close.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn last_err(what: &str, path: &Path) -> BalancerError {
+        BalancerError::Pin(format!(
+            "{what} {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ))
+    }
+
+    /// Detaches the link pinned at `path` from its hook now
+    /// (`BPF_LINK_DETACH`). Removing the pin alone frees the link, and so
+    /// takes XDP off the interface, only when the kernel gets to it.
+    pub fn detach_link(path: &Path) -> Result<(), BalancerError> {
+        use std::os::fd::AsRawFd;
+        let fd = open_pinned(path)?;
         let detach: u32 = fd.as_raw_fd() as u32;
         // SAFETY: the attr (link_fd only) outlives the call.
         let rc = unsafe {
@@ -841,9 +872,51 @@ mod pin {
             )
         };
         if rc < 0 {
-            return Err(err("detaching"));
+            return Err(last_err("detaching", path));
         }
         Ok(())
+    }
+
+    /// The interface index of the XDP link pinned at `path`: 0 once its
+    /// interface is gone (the kernel then keeps a defunct link).
+    pub fn xdp_link_ifindex(path: &Path) -> Result<u32, BalancerError> {
+        use std::os::fd::AsRawFd;
+        let fd = open_pinned(path)?;
+        // struct bpf_link_info: type, id, prog_id, then a union aligned to
+        // 8 whose `xdp.ifindex` is its first word (offset 16).
+        let mut info = [0u64; 32];
+        #[repr(C)]
+        struct InfoByFd {
+            bpf_fd: u32,
+            info_len: u32,
+            info: u64,
+        }
+        let attr = InfoByFd {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: std::mem::size_of_val(&info) as u32,
+            info: info.as_mut_ptr() as u64,
+        };
+        // SAFETY: `attr` and the buffer it points to outlive the call; the
+        // kernel writes at most `info_len` bytes into the buffer.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &attr as *const InfoByFd,
+                std::mem::size_of::<InfoByFd>() as u32,
+            )
+        };
+        if rc < 0 {
+            return Err(last_err("reading link info of", path));
+        }
+        let link_type = info[0] as u32;
+        if link_type != BPF_LINK_TYPE_XDP {
+            return Err(BalancerError::Pin(format!(
+                "{}: not an XDP link (type {link_type})",
+                path.display()
+            )));
+        }
+        Ok(info[2] as u32)
     }
 
     /// Pins only work on a bpffs: say so plainly instead of failing later.

@@ -132,3 +132,55 @@ fn root_pinning_needs_a_bpffs() {
     let err = Balancer::load_pinned(&opts(), &dir).err().expect("refused");
     assert!(err.to_string().contains("not on a bpf filesystem"), "{err}");
 }
+
+#[test]
+fn root_a_pinned_link_of_a_deleted_interface_is_replaced_on_the_new_one() {
+    if !require_root("root_a_pinned_link_of_a_deleted_interface_is_replaced_on_the_new_one") {
+        return;
+    }
+    let fs = PrivateBpffs::mount("relink").expect("private bpffs");
+    let dir: &Path = &fs.root().join("headroom").join("test");
+    let FixtureEnv { ns, lb, fx0, .. } = FixtureEnv::new_pinned(&opts(), dir).expect("fixture env");
+    let _inside = ns.enter_thread().expect("enter namespace");
+    let mut lb = lb;
+    assert!(
+        !lb.attach("fx0", fx0, XdpMode::Driver).expect("attach"),
+        "first attach pins a new link"
+    );
+    assert!(xdp_prog_id("fx0").is_some());
+    drop(lb);
+
+    // The interface goes away while the daemon is down and comes back under
+    // the same name (a new ifindex): the pinned link is now defunct.
+    run_cmd(&["ip", "link", "del", "fx0"]).expect("delete fx0");
+    run_cmd(&[
+        "ip", "link", "add", "fx0", "type", "veth", "peer", "name", "fx0p",
+    ])
+    .expect("recreate fx0");
+    run_cmd(&["ip", "link", "set", "fx0", "up"]).expect("fx0 up");
+    run_cmd(&["ip", "link", "set", "fx0p", "up"]).expect("fx0p up");
+    let new_index = ns.ifindex("fx0").expect("new ifindex");
+    assert_ne!(new_index, fx0, "the kernel gave the new fx0 a new index");
+    assert_eq!(xdp_prog_id("fx0"), None, "nothing on the new fx0 yet");
+
+    let mut lb = Balancer::load_pinned(&opts(), dir).expect("reload pinned");
+    let reused = lb
+        .attach("fx0", new_index, XdpMode::Driver)
+        .expect("attach to the recreated interface");
+    assert!(!reused, "the defunct link is not reused");
+    assert!(
+        xdp_prog_id("fx0").is_some(),
+        "the balancer runs on the new fx0"
+    );
+    // And a later restart reuses the new link.
+    drop(lb);
+    let mut lb = Balancer::load_pinned(&opts(), dir).expect("reload pinned again");
+    assert!(
+        lb.attach("fx0", new_index, XdpMode::Driver)
+            .expect("re-attach"),
+        "the new pinned link is reused"
+    );
+    drop(lb);
+    loader::detach(dir).expect("detach");
+    assert_eq!(xdp_prog_id("fx0"), None);
+}

@@ -103,8 +103,8 @@ pub fn attach_or_reuse(lb: &mut Balancer, config: &Config, force: bool) -> Resul
         .collect();
     let mut out = Attachment::default();
     for (group, ifname, ifindex, mode) in plan {
-        let reused = pinned_before.contains(&ifname);
-        lb.attach(&ifname, ifindex, xdp_mode(mode))
+        let reused = lb
+            .attach(&ifname, ifindex, xdp_mode(mode))
             .with_context(|| format!("attaching the balancer to {ifname} ({})", mode.as_str()))?;
         if reused {
             info!(interface = %ifname, ifindex, "attached: the pinned link now runs this program (replaced atomically)");
