@@ -226,6 +226,9 @@ pub struct Daemon {
     ids: BackendIds,
     /// What each backend id holds, as written (to write only changes).
     written: HashMap<u32, Backend>,
+    /// Pinned active backends in no table at restart, by id, until the
+    /// service whose backend they are claims them ([`recover`]).
+    orphans: BTreeMap<u32, Backend>,
     reader: Option<ScoreboardReader>,
     /// Scoreboard names read every refresh (unique, sorted).
     sb_names: Vec<String>,
@@ -350,6 +353,7 @@ impl Daemon {
             svcs,
             ids,
             written: HashMap::new(),
+            orphans: BTreeMap::new(),
             reader,
             sb_names,
             redis: RedisState::Unknown,
@@ -368,11 +372,16 @@ impl Daemon {
                 services = r.services,
                 removed = r.removed,
                 backends = r.backends,
+                orphans = r.orphans,
                 quarantined = r.quarantined,
                 "pinned state taken over: established flows keep their backends"
             );
         }
         d.publish_static()?;
+        if d.reader.is_none() {
+            // Static services only: every claim has been made.
+            d.retire_orphans(Instant::now());
+        }
         d.update_status();
         Ok(d)
     }
@@ -485,6 +494,7 @@ impl Daemon {
             svcs,
             ids,
             written,
+            orphans,
             ..
         } = self;
         for (svc, (_, s)) in svcs.iter_mut().zip(config.services()) {
@@ -494,7 +504,7 @@ impl Daemon {
             let mut members = Vec::new();
             for b in &s.backends {
                 let addr = SocketAddr::new(b.address.ip, b.address.port.unwrap_or(s.port));
-                let id = backend_id(svc, ids, addr, now)
+                let id = backend_id(svc, ids, orphans, addr, now)
                     .with_context(|| format!("service {}: no free backend id", svc.name))?;
                 write_backend(lb, written, id, svc.backend(addr, BACKEND_ACTIVE))?;
                 members.push(Member {
@@ -554,6 +564,8 @@ impl Daemon {
                 self.last_error_class = None;
                 let now_ms = now_ms();
                 let now = Instant::now();
+                // Every scoreboard service reconciled (none held or unusable)?
+                let mut complete = true;
                 for i in 0..self.svcs.len() {
                     let Source::Scoreboard { name, .. } = &self.svcs[i].source else {
                         continue;
@@ -564,6 +576,7 @@ impl Daemon {
                                 info!(service = %self.svcs[i].name, "scoreboard data usable again (was: {m})");
                             }
                             self.apply(i, s, now_ms, now);
+                            complete &= !self.svcs[i].held;
                         }
                         Some(Err(m)) => {
                             let msg = format!("{}: {}", m.key, m.detail);
@@ -572,18 +585,41 @@ impl Daemon {
                                 warn!(service = %svc.name, "scoreboard data unusable, keeping the last table: {msg}");
                             }
                             svc.malformed = Some(msg);
+                            complete = false;
                         }
                         None => {
                             // The reader answers every name asked for.
                             warn!(service = %self.svcs[i].name, "service missing from the scoreboard read");
+                            complete = false;
                         }
                     }
+                }
+                if complete {
+                    self.retire_orphans(now);
                 }
             }
         }
         self.refreshes += 1;
         self.last_refresh = Some(started.elapsed());
         self.update_status();
+    }
+
+    /// Retires the orphans no service claimed: flags 0 (their flows
+    /// re-select), ids quarantined.
+    fn retire_orphans(&mut self, now: Instant) {
+        for (id, b) in std::mem::take(&mut self.orphans) {
+            let gone = Backend { flags: 0, ..b };
+            match write_backend(&mut self.lb, &mut self.written, id, gone) {
+                Ok(()) => {
+                    self.ids.retire(id, now);
+                    info!(id, addr = ?recover::backend_socket(&b), "pinned backend no service claimed: retired");
+                }
+                Err(e) => {
+                    warn!(id, "retiring unclaimed backend {id}: {e:#}");
+                    self.orphans.insert(id, b);
+                }
+            }
+        }
     }
 
     fn read_failed(&mut self, e: &ScoreboardError) {
@@ -617,6 +653,7 @@ impl Daemon {
             svcs,
             ids,
             written,
+            orphans,
             ..
         } = self;
         let svc = &mut svcs[i];
@@ -645,7 +682,7 @@ impl Daemon {
         let mut members = Vec::with_capacity(d.weights.len());
         let mut missing_id = None;
         for w in &d.weights {
-            match backend_id(svc, ids, w.addr.socket, now) {
+            match backend_id(svc, ids, orphans, w.addr.socket, now) {
                 Some(id) => {
                     if let Err(e) =
                         write_backend(lb, written, id, svc.backend(w.addr.socket, BACKEND_ACTIVE))
@@ -710,7 +747,11 @@ impl Daemon {
         let mut live: BTreeSet<SocketAddr> = d.weights.iter().map(|w| w.addr.socket).collect();
         svc.draining.clear();
         for dr in &d.draining {
-            let id = svc.ids.get(&dr.addr.socket).copied();
+            let id = svc
+                .ids
+                .get(&dr.addr.socket)
+                .copied()
+                .or_else(|| claim_orphan(svc, orphans, dr.addr.socket));
             if let Some(id) = id {
                 if !live.contains(&dr.addr.socket) && !in_kernel.contains(&id) {
                     let b = svc.backend(dr.addr.socket, BACKEND_ACTIVE | BACKEND_DRAINING);
@@ -796,8 +837,32 @@ fn same_family<'a>(
     std::borrow::Cow::Owned(s)
 }
 
-/// The id of `addr` in `svc`, allocating one if it has none.
-fn backend_id(svc: &mut Svc, ids: &mut BackendIds, addr: SocketAddr, now: Instant) -> Option<u32> {
+/// The orphan holding exactly the entry `svc` would write for `addr`,
+/// which becomes `svc`'s backend for `addr`.
+fn claim_orphan(
+    svc: &mut Svc,
+    orphans: &mut BTreeMap<u32, Backend>,
+    addr: SocketAddr,
+) -> Option<u32> {
+    let want = svc.backend(addr, 0);
+    let id = orphans
+        .iter()
+        .find(|(_, b)| b.addr == want.addr && b.port == want.port && b.family == want.family)
+        .map(|(&id, _)| id)?;
+    orphans.remove(&id);
+    svc.ids.insert(addr, id);
+    info!(service = %svc.name, %addr, id, "pinned backend claimed");
+    Some(id)
+}
+
+/// The id of `addr` in `svc`: its own, a claimed orphan, else a new one.
+fn backend_id(
+    svc: &mut Svc,
+    ids: &mut BackendIds,
+    orphans: &mut BTreeMap<u32, Backend>,
+    addr: SocketAddr,
+    now: Instant,
+) -> Option<u32> {
     if let Some(&id) = svc.ids.get(&addr) {
         return Some(id);
     }
@@ -808,6 +873,9 @@ fn backend_id(svc: &mut Svc, ids: &mut BackendIds, addr: SocketAddr, now: Instan
             svc.ids.insert(addr, id);
             return Some(id);
         }
+    }
+    if let Some(id) = claim_orphan(svc, orphans, addr) {
+        return Some(id);
     }
     let id = ids.allocate(now)?;
     svc.ids.insert(addr, id);

@@ -406,6 +406,132 @@ fn restart_with_redis_down() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn root_lb_restart_gives_a_draining_backend_back_to_its_own_service() {
+    if !require_root("root_lb_restart_gives_a_draining_backend_back_to_its_own_service") {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    draining_backend_keeps_its_owner().expect("draining backend across a restart");
+}
+
+/// The kernel does not record which service a backend id belongs to. A
+/// `stream` instance drained (scale-in mark) before a restart is in no
+/// table, so the new daemon must not hand its id to `web` (listed first,
+/// also nat, same family), which would retire it at its first refresh and
+/// re-balance (reset) the drained instance's connections: the id waits for
+/// `stream` to claim it, and stays `ACTIVE | DRAINING`.
+fn draining_backend_keeps_its_owner() -> Result<()> {
+    use headroom::daemon::{Daemon as InProcess, DaemonHandle, RunOptions, Status};
+    use lb_common::BACKEND_DRAINING;
+    let mode = Mode::Nat;
+    let topo = Topology::new_for_daemon(mode, BACKENDS).context("building the topology")?;
+    let redis = {
+        let _inside = topo.balancer_ns().enter_thread()?;
+        RedisServer::start()?
+    };
+    let pins = headroom_tests::PrivateBpffs::mount("owners")?;
+    let opts = RunOptions {
+        pin_root: Some(pins.root().to_path_buf()),
+        ..RunOptions::default()
+    };
+    let name = format!("owners-{}", std::process::id());
+    let config = write_config(&name, mode, &topo.balancer_interfaces(), &redis.url())?;
+    let start = || -> Result<DaemonHandle> {
+        let config = headroom::config::Config::load(config.path())?;
+        let _inside = topo.balancer_ns().enter_thread()?;
+        InProcess::start(config, opts.clone())
+    };
+    let wait = |d: &DaemonHandle, what: &str, cond: &dyn Fn(&Status) -> bool| -> Result<Status> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let st = d.status();
+            if cond(&st) {
+                return Ok(st);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no {what} within {WAIT:?}: {st:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let drained = instance(mode, 2, stream_port(mode));
+    let drained_id = |st: &Status| -> Option<u32> {
+        st.services
+            .iter()
+            .find(|s| s.name == "stream")?
+            .draining
+            .iter()
+            .find(|b| b.instance == drained)?
+            .id
+    };
+    let owned_by_web = |st: &Status, id: u32| {
+        st.services
+            .iter()
+            .filter(|s| s.name == "web")
+            .flat_map(|s| s.table.iter().chain(&s.draining))
+            .any(|b| b.id == Some(id))
+    };
+
+    let loads = Mutex::new(LOADS_BEFORE);
+    let stop = AtomicBool::new(false);
+    let url = redis.url();
+    let lb_ns = topo.balancer_ns();
+    thread::scope(|s| -> Result<()> {
+        let reporter = s.spawn(|| report_loop(lb_ns, &url, mode, &loads, &stop));
+        let result = (|| -> Result<()> {
+            let d = start()?;
+            wait(&d, "tables from the scoreboard", &|st| {
+                st.services
+                    .iter()
+                    .all(|s| s.generation >= 1 && s.table.len() == BACKENDS)
+            })?;
+            {
+                let _inside = lb_ns.enter_thread()?;
+                let mut c = redis::Client::open(url.as_str())?.get_connection()?;
+                redis::cmd("SADD")
+                    .arg("headroom:sb:{stream}:drain")
+                    .arg(&drained)
+                    .query::<()>(&mut c)?;
+            }
+            let st = wait(&d, "the drain mark applied", &|st| drained_id(st).is_some())?;
+            let id = drained_id(&st).context("drained id")?;
+            d.shutdown()?;
+
+            let d = start()?;
+            let first = d.status().refreshes;
+            let st = wait(&d, "a few refreshes after the restart", &|st| {
+                st.refreshes >= first + 5 && st.reads_ok >= 5
+            })?;
+            ensure!(
+                drained_id(&st) == Some(id),
+                "the drained stream instance lost its backend id {id} over the restart: {st:?}"
+            );
+            ensure!(
+                !owned_by_web(&st, id),
+                "web took stream's draining backend {id}: {st:?}"
+            );
+            let backends: Array<MapData, Backend> = Array::try_from(Map::Array(pinned(
+                &pins.root().join(&name),
+                maps::BACKENDS,
+            )?))?;
+            let b = backends.get(&id, 0)?;
+            ensure!(
+                b.flags == BACKEND_ACTIVE | BACKEND_DRAINING,
+                "backend {id} after the restart: {b:?} (want ACTIVE | DRAINING)"
+            );
+            d.shutdown()?;
+            Ok(())
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let rep = reporter
+            .join()
+            .map_err(|_| anyhow!("the reporter panicked"))?;
+        result.and_then(|()| rep)
+    })
+}
+
 // ---------------------------------------------------------------- the binary and its namespace
 
 /// The `headroom` binary, checked to be newer than the sources it is built from.

@@ -12,10 +12,15 @@
 //!   meaning. Ids in a kept service's active table become that service's,
 //!   under their address, and its `published` table is the kernel's (so no
 //!   id of it is retired before a new table replaced it). Other active ids
-//!   (draining in the earlier run) go to the first service they can belong
-//!   to (same family; dsr: the VIP's port), else they are retired. Ids found
-//!   retired are quarantined from now; empty slots are free. Everything is
-//!   marked as written, so nothing is rewritten needlessly.
+//!   (draining in the earlier run) are *orphans*: kept as they are until a
+//!   service claims one, which happens when the address it holds (dsr: with
+//!   the VIP's port) is that service's backend in the config or the
+//!   scoreboard. The kernel does not record which service a backend belongs
+//!   to, and guessing would let another service retire it (and reset its
+//!   flows). Orphans nobody claims are retired once every service has
+//!   been reconciled ([`Daemon::retire_orphans`]). Ids found retired are
+//!   quarantined from now; empty slots are free. Everything is marked as
+//!   written, so nothing is rewritten needlessly.
 //! - **Tables** are not touched: a scoreboard service forwards with the
 //!   pinned table until the first successful read computes a new one (also
 //!   through a Redis outage at restart); static services are republished at
@@ -32,7 +37,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{ids, ids::BackendIds, Daemon, Member};
-use crate::{config, Balancer};
+use crate::Balancer;
 
 /// Service ids for `keys` (config order): kept from `pinned` where
 /// possible, else the lowest id no kept service uses. `None` for a service
@@ -87,8 +92,10 @@ pub struct Summary {
     pub services: usize,
     /// Services removed (no longer configured).
     pub removed: usize,
-    /// Backend ids adopted.
+    /// Backend ids adopted (in a kept service's table).
     pub backends: usize,
+    /// Active backend ids in no table, kept until a service claims them.
+    pub orphans: usize,
     /// Backend ids retired (or found retired): quarantined.
     pub quarantined: usize,
 }
@@ -108,6 +115,7 @@ impl Daemon {
             svcs,
             ids: backend_ids,
             written,
+            orphans,
             ..
         } = self;
         let max = config.datapath.max_backends;
@@ -180,28 +188,19 @@ impl Daemon {
             if owned.contains(&id) {
                 continue;
             }
-            let addr = backend_socket(b);
-            let owner = addr.filter(|_| !removed_ids.contains(&id)).and_then(|a| {
-                svcs.iter_mut().find(|s| {
-                    config::family(s.vip) == b.family
-                        && (s.mode == config::Mode::Nat || a.port() == s.port)
-                        && !s.ids.contains_key(&a)
-                })
-            });
-            match (owner, addr) {
-                (Some(svc), Some(addr)) => {
-                    svc.ids.insert(addr, id);
-                    svc.recovered.insert(addr);
-                    summary.backends += 1;
-                    info!(service = %svc.name, %addr, id, "pinned backend outside the table adopted (draining)");
+            match backend_socket(b).filter(|_| !removed_ids.contains(&id)) {
+                Some(addr) => {
+                    orphans.insert(id, *b);
+                    summary.orphans += 1;
+                    info!(%addr, id, "pinned backend outside every table: kept until its service claims it");
                 }
-                _ => {
+                None => {
                     let gone = Backend { flags: 0, ..*b };
                     lb.set_backend(id, gone)
                         .with_context(|| format!("retiring backend {id}"))?;
                     *b = gone;
                     retired.insert(id);
-                    warn!(id, addr = ?addr, "pinned backend of no configured service: retired");
+                    warn!(id, "pinned backend of a removed service: retired");
                 }
             }
         }
@@ -235,6 +234,7 @@ fn table_ids(lb: &Balancer, key: &ServiceKey) -> BTreeSet<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config;
 
     fn key(port: u16) -> ServiceKey {
         ServiceKey {
