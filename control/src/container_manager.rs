@@ -3,25 +3,32 @@
 //! the instances' custom-metric reports from the scoreboard, keeps a
 //! [`LoadWindow`], asks [`decide`] and acts:
 //!
-//! - **up**: picks an agent, records the instance (id, node, params) in
-//!   Redis as an *intent* under the fence, then asks that node's agent to
-//!   start it. Agent starts are idempotent by instance id, so a manager
-//!   restarted after a crash completes a recorded intent with the same id
-//!   instead of starting a duplicate. Once started, a load-balanced
+//! - **up**: picks a node (the least-used static `--agent`, or the one the
+//!   machine-manager places it on with `--machine-manager`), records the
+//!   instance (id, node, params, placement) in Redis as an *intent* under
+//!   the fence, then asks that node's agent to start it. Agent starts are
+//!   idempotent by instance id, so a manager restarted after a crash
+//!   completes a recorded intent with the same id (and placement) instead
+//!   of starting a duplicate or asking for a second placement. Once started, a load-balanced
 //!   instance enters the balancer's backends (scoreboard `addr` hash).
 //! - **down**: picks the least-loaded (then newest) instance, marks it in
 //!   the scoreboard's drain set (the balancer sends it no new flow; existing
 //!   flows continue), waits the cool-down, then stops it through its agent
-//!   and forgets it.
+//!   and forgets it (and releases its placement).
+//! - **replace**: a running instance its agent reports ended (exited,
+//!   stopped, lost, unknown) is forgotten, so the policy's `min` brings a
+//!   new one. An unreachable agent is no evidence: nothing is dropped.
 //!
 //! Every decision is logged and recorded in `headroom:cm:decisions`.
 //! See docs/CONTAINER_MANAGER.md.
 
 pub mod agent_client;
+pub mod mm_client;
 pub mod observe;
+pub mod signed_call;
 pub mod state;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -33,8 +40,9 @@ use crate::agent::parse_duration;
 use crate::lease::{Fence, Lease, LeaseKeeper, Role};
 use crate::registry::{ParamType, Registry, ServiceSpec, INSTANCE_ID_PARAM};
 use crate::scaling::{decide, Decision, LoadWindow, Observation, ScalingPolicy, Timing};
-use crate::scoreboard::{addr_key, drain_key, load_key, seen_key};
-use agent_client::{AgentCallError, AgentClient};
+use crate::scoreboard::{addr_key, drain_key};
+use agent_client::{AgentCallError, AgentClient, AgentInstance};
+use mm_client::{MmClient, Placement};
 use state::{DecisionRecord, InstanceRecord, Phase};
 
 /// One agent the manager may start instances on: `NODE=http://IP:PORT`.
@@ -75,16 +83,60 @@ pub fn parse_agent(s: &str) -> Result<AgentTarget, String> {
     })
 }
 
+/// Parses the machine-manager's base URL `http://HOST:PORT`.
+pub fn parse_mm_url(s: &str) -> Result<hyper::Uri, String> {
+    let uri: hyper::Uri = s.parse().map_err(|_| format!("{s:?} is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("{s:?} must start with http://"));
+    }
+    if uri.host().is_none_or(str::is_empty) || uri.port_u16().is_none() {
+        return Err(format!(
+            "{s:?}: host and port are required (http://HOST:PORT)"
+        ));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!("{s:?}: give the base URL only, without a path"));
+    }
+    Ok(uri)
+}
+
+/// The agent of a node the machine-manager chose: `http://ADDRESS:PORT`.
+fn placed_target(node: &str, address: &str, port: u16) -> Result<AgentTarget, String> {
+    let ip: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| format!("node {node}: address {address:?} is not an IP address"))?;
+    parse_agent(&format!(
+        "{node}=http://{}",
+        std::net::SocketAddr::new(ip, port)
+    ))
+}
+
 /// `headroom container-manager …` options.
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("placement")
+        .required(true)
+        .multiple(false)
+        .args(["agents", "machine_manager"])
+))]
 pub struct ContainerManagerArgs {
     /// Redis: registry, scoreboard, lease, instance records.
     #[arg(long, env = "HEADROOM_REDIS", default_value = "redis://127.0.0.1:6379")]
     pub redis: String,
-    /// An agent to start instances on, `NODE=http://IP:PORT` (repeat).
-    #[arg(long = "agent", value_parser = parse_agent, required = true)]
+    /// A static node's agent to start instances on, `NODE=http://IP:PORT`
+    /// (repeat). Exclusive with `--machine-manager`.
+    #[arg(long = "agent", value_name = "NODE=URL", value_parser = parse_agent)]
     pub agents: Vec<AgentTarget>,
-    /// Access key id of principal `container-manager` (signs agent calls).
+    /// Machine-manager that places every new instance, `http://HOST:PORT`
+    /// (requirements and resources checked there). Exclusive with `--agent`.
+    #[arg(long, value_name = "URL", value_parser = parse_mm_url)]
+    pub machine_manager: Option<hyper::Uri>,
+    /// Port of the agent on nodes the machine-manager chooses: their agent
+    /// is `http://NODE_ADDRESS:PORT`.
+    #[arg(long, value_name = "PORT", default_value_t = 7070)]
+    pub agent_port: u16,
+    /// Access key id of principal `container-manager` (signs agent and
+    /// machine-manager calls).
     #[arg(long, env = "HEADROOM_CM_ACCESS_KEY_ID")]
     pub access_key_id: String,
     /// Its secret.
@@ -139,8 +191,12 @@ impl ContainerManagerHandle {
 pub async fn start_container_manager(
     args: ContainerManagerArgs,
 ) -> anyhow::Result<ContainerManagerHandle> {
-    if args.agents.is_empty() {
-        anyhow::bail!("--agent: at least one agent is required");
+    match (args.agents.is_empty(), &args.machine_manager) {
+        (true, None) => anyhow::bail!(
+            "give either --agent NODE=URL (static nodes) or --machine-manager URL (placement)"
+        ),
+        (false, Some(_)) => anyhow::bail!("--agent and --machine-manager exclude each other"),
+        _ => {}
     }
     let conn = crate::lease::connect(&args.redis)
         .await
@@ -158,8 +214,20 @@ pub async fn start_container_manager(
     );
     let role = keeper.subscribe();
     let (stop, stop_rx) = watch::channel(false);
+    let mm = args.machine_manager.clone().map(|base| {
+        MmClient::new(
+            base,
+            args.access_key_id.clone(),
+            args.secret.clone(),
+            args.region.clone(),
+        )
+    });
     let mgr = Manager {
         role: role.clone(),
+        mm,
+        polls: HashMap::new(),
+        poll_failing: HashSet::new(),
+        last_orphan_sweep: None,
         client: AgentClient::new(
             args.access_key_id.clone(),
             args.secret.clone(),
@@ -188,6 +256,27 @@ pub async fn run_container_manager(args: ContainerManagerArgs) -> anyhow::Result
 struct ServiceLoop {
     window: LoadWindow,
     last_hold: Option<String>,
+    /// After a placement shortfall, no new ask before this (monotonic).
+    place_retry_at: Option<Duration>,
+}
+
+/// What one poll of an agent said: when, and its instances by id; `None`
+/// when the agent could not be asked (no evidence of anything).
+type Poll = Option<(i64, HashMap<String, AgentInstance>)>;
+
+/// A scale-up that placed fewer instances than decided.
+struct Shortfall {
+    placed: usize,
+    reason: String,
+}
+
+/// Why planning one new instance stopped.
+enum PlanError {
+    /// No place now (refused, node starting, machine-manager down): retry
+    /// in a later round.
+    Short(String),
+    /// The service cannot be planned at all.
+    Round(RoundError),
 }
 
 struct Manager {
@@ -200,6 +289,15 @@ struct Manager {
     /// The lease role, looked at again right before every agent call: a
     /// round can outlast the leadership it started with.
     role: watch::Receiver<Role>,
+    /// Placement through the machine-manager (`None`: static `--agent`s).
+    mm: Option<MmClient>,
+    /// This loop iteration's agent listings, by agent URL: one poll per
+    /// agent per iteration, shared by all services.
+    polls: HashMap<String, Poll>,
+    /// Agents whose last poll failed (logged once per outage).
+    poll_failing: HashSet<String>,
+    /// When orphaned placements were last looked for.
+    last_orphan_sweep: Option<Instant>,
 }
 
 /// Why a round for one service failed (it is retried next round).
@@ -262,6 +360,7 @@ impl Manager {
                 self.windows.clear();
                 continue;
             };
+            self.polls.clear();
             let specs = match self.registry.list().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -269,6 +368,7 @@ impl Manager {
                     continue;
                 }
             };
+            let mut managed = Vec::new();
             for spec in specs {
                 if !self.args.services.is_empty() && !self.args.services.contains(&spec.name) {
                     continue;
@@ -276,9 +376,71 @@ impl Manager {
                 if let Err(e) = self.round(&fence, &spec).await {
                     warn!(service = %spec.name, error = %e, "scaling round failed");
                 }
+                managed.push(spec.name);
+            }
+            let period = self.orphan_age();
+            if self.mm.is_some() && self.last_orphan_sweep.is_none_or(|t| t.elapsed() >= period) {
+                self.last_orphan_sweep = Some(Instant::now());
+                if let Err(e) = self.sweep_orphans(&fence, &managed).await {
+                    warn!(error = %e, "looking for orphaned placements failed");
+                }
             }
         }
         info!("container-manager stopped");
+    }
+
+    /// How old a placement no record owns must be before it counts as
+    /// orphaned: older than any write a superseded leader could still be
+    /// about to make (its lease ran out by then).
+    fn orphan_age(&self) -> Duration {
+        (self.args.lease_ttl * 3).max(self.args.interval * 10)
+    }
+
+    /// Releases placements of managed services that no instance record
+    /// owns: left by a manager that died between the placement answer and
+    /// its intent write. The list is read before the records, so a
+    /// placement recorded meanwhile is seen as owned.
+    async fn sweep_orphans(
+        &mut self,
+        fence: &Fence,
+        services: &[String],
+    ) -> Result<(), RoundError> {
+        let Some(mm) = self.mm.clone() else {
+            return Ok(());
+        };
+        let held = match mm.held().await {
+            Ok(h) => h,
+            Err(e) => {
+                debug!(error = %e, "machine-manager placements not listed");
+                return Ok(());
+            }
+        };
+        let cutoff = crate::sigv4::unix_now_ms() - self.orphan_age().as_millis() as i64;
+        for svc in services {
+            let old: Vec<&mm_client::Held> = held
+                .iter()
+                .filter(|h| h.service == *svc && h.at_ms < cutoff)
+                .collect();
+            if old.is_empty() {
+                continue;
+            }
+            let (recs, _) = state::load_instances(&mut self.conn, svc).await?;
+            let owned: HashSet<&str> = recs.iter().filter_map(|r| r.placement.as_deref()).collect();
+            for h in old.into_iter().filter(|h| !owned.contains(h.id.as_str())) {
+                if !self.leading_with(fence) {
+                    return Ok(());
+                }
+                match mm.release(&h.id).await {
+                    Ok(()) => {
+                        warn!(service = %svc, placement = %h.id, "orphaned placement (no instance record) released")
+                    }
+                    Err(e) => {
+                        warn!(service = %svc, placement = %h.id, error = %e, "orphaned placement not released")
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether we still lead with `fence` (checked before side effects
@@ -294,10 +456,40 @@ impl Manager {
         for id in bad {
             warn!(service = %svc, instance = %id, "unreadable instance record ignored");
         }
-        // Finish what a previous round (or a crashed manager) began.
-        for r in recs.iter_mut().filter(|r| r.phase == Phase::Starting) {
-            self.complete_start(fence, spec, r).await?;
+        // Give back the placements of instances that ended earlier.
+        for r in recs.iter().filter(|r| r.phase == Phase::Gone) {
+            self.release_gone(fence, &svc, r).await?;
         }
+        recs.retain(|r| r.phase != Phase::Gone);
+        // Instances that ended by themselves leave before counting, so
+        // `min` brings replacements in this same round.
+        let ended = self.ended_instances(&recs).await;
+        let mut counted = recs.iter().filter(|r| r.phase != Phase::Draining).count() as u32;
+        for (r, why) in recs.iter().filter_map(|r| ended.get(&r.id).map(|w| (r, w))) {
+            let reason = format!("replace: instance {} on {} {why}", r.id, r.node);
+            warn!(service = %svc, instance = %r.id, node = %r.node, %reason, "instance ended");
+            let rec = DecisionRecord {
+                ts_ms: crate::sigv4::unix_now_ms(),
+                service: svc.clone(),
+                action: "replace".into(),
+                running: counted,
+                to: counted.saturating_sub(1),
+                load: None,
+                reason,
+            };
+            counted = counted.saturating_sub(1);
+            self.forget(fence, &svc, r, state::decision_cmds(&rec))
+                .await?;
+        }
+        recs.retain(|r| !ended.contains_key(&r.id));
+        // Finish what a previous round (or a crashed manager) began.
+        let mut dropped = Vec::new();
+        for r in recs.iter_mut().filter(|r| r.phase == Phase::Starting) {
+            if !self.complete_start(fence, spec, r).await? {
+                dropped.push(r.id.clone());
+            }
+        }
+        recs.retain(|r| !dropped.contains(&r.id));
         let now_ms = crate::sigv4::unix_now_ms();
         let cool_ms = (spec.cool_down_secs * 1000) as i64;
         let mut gone = Vec::new();
@@ -324,6 +516,7 @@ impl Manager {
             .or_insert_with(|| ServiceLoop {
                 window: LoadWindow::new(window),
                 last_hold: None,
+                place_retry_at: None,
             });
         if let Some(m) = mean {
             sl.window.push(mono, m);
@@ -352,12 +545,45 @@ impl Manager {
                 Ok(())
             }
             Decision::Up { to, load } => {
-                sl.window.clear();
-                sl.last_hold = None;
-                info!(service = %svc, running = obs.running, %decision, "decision");
+                if sl.place_retry_at.is_some_and(|t| mono < t) {
+                    debug!(service = %svc, %decision, "placement retry not due yet");
+                    return Ok(());
+                }
                 let rec = record(&svc, "up", &obs, to, load, &decision);
-                self.scale_up(fence, spec, &recs, obs.running, to, rec)
-                    .await
+                let short = self
+                    .scale_up(fence, spec, &recs, obs.running, to, rec)
+                    .await?;
+                let retry = self.args.interval * 5;
+                let Some(sl) = self.windows.get_mut(&svc) else {
+                    return Ok(());
+                };
+                match short {
+                    None => {
+                        sl.window.clear();
+                        sl.last_hold = None;
+                        sl.place_retry_at = None;
+                    }
+                    Some(s) if s.placed > 0 => {
+                        sl.window.clear();
+                        sl.last_hold = None;
+                        sl.place_retry_at = Some(mono + retry);
+                    }
+                    Some(s) => {
+                        sl.place_retry_at = Some(mono + retry);
+                        let kind = format!("hold: {}", s.reason);
+                        if sl.last_hold.as_deref() != Some(kind.as_str()) {
+                            warn!(service = %svc, running = obs.running, %decision, reason = %s.reason, "nothing placed");
+                            sl.last_hold = Some(kind.clone());
+                            let mut rec = record(&svc, "hold", &obs, obs.running, None, &decision);
+                            rec.reason = format!("{decision}: nothing started: {}", s.reason);
+                            state::fenced(fence, &mut self.conn, &state::decision_cmds(&rec))
+                                .await?;
+                        } else {
+                            debug!(service = %svc, reason = %s.reason, "nothing placed");
+                        }
+                    }
+                }
+                Ok(())
             }
             Decision::Down { to, load } => {
                 sl.window.clear();
@@ -375,8 +601,121 @@ impl Manager {
         }
     }
 
-    /// Records `to − running` intents (with the decision, atomically and
-    /// fenced), then starts each through its agent.
+    /// The `running` records whose agent reports them ended, with why.
+    /// One poll per agent per loop iteration; an agent that cannot be
+    /// asked proves nothing, so its instances are kept.
+    async fn ended_instances(&mut self, recs: &[InstanceRecord]) -> HashMap<String, String> {
+        let mut ended = HashMap::new();
+        for r in recs.iter().filter(|r| r.phase == Phase::Running) {
+            if !self.polls.contains_key(&r.agent) {
+                let poll = self.poll_agent(&r.agent).await;
+                self.polls.insert(r.agent.clone(), poll);
+            }
+            let Some(Some((at_ms, list))) = self.polls.get(&r.agent) else {
+                continue;
+            };
+            match list.get(&r.id) {
+                Some(i) => {
+                    if let Some(why) = i.gone_reason() {
+                        ended.insert(r.id.clone(), why);
+                    }
+                }
+                // Recorded as started before the poll, yet unknown there.
+                None if r.created_ms < *at_ms => {
+                    ended.insert(r.id.clone(), "is unknown to its agent".to_string());
+                }
+                None => {}
+            }
+        }
+        ended
+    }
+
+    async fn poll_agent(&mut self, agent: &str) -> Poll {
+        let Ok(url) = agent.parse::<hyper::Uri>() else {
+            return None;
+        };
+        let at_ms = crate::sigv4::unix_now_ms();
+        match self.client.list(&url).await {
+            Ok(list) => {
+                if self.poll_failing.remove(agent) {
+                    info!(%agent, "agent answers its instance list again");
+                }
+                Some((
+                    at_ms,
+                    list.into_iter()
+                        .map(|i| (i.instance_id.clone(), i))
+                        .collect(),
+                ))
+            }
+            Err(e) => {
+                if self.poll_failing.insert(agent.to_string()) {
+                    warn!(%agent, error = %e, "agent's instance list unavailable; its instances are kept");
+                } else {
+                    debug!(%agent, error = %e, "agent's instance list unavailable");
+                }
+                None
+            }
+        }
+    }
+
+    /// Takes an ended instance out of the balancer and the scoreboard
+    /// (with `extra` commands, in one fenced step), then gives its
+    /// placement back and forgets it. If the release cannot be confirmed,
+    /// the record stays as `gone` and the release is retried next round.
+    async fn forget(
+        &mut self,
+        fence: &Fence,
+        svc: &str,
+        r: &InstanceRecord,
+        mut cmds: Vec<Vec<String>>,
+    ) -> Result<(), RoundError> {
+        cmds.extend(state::scoreboard_forget_cmds(svc, &r.id));
+        if r.placement.is_none() {
+            cmds.push(vec!["HDEL".into(), state::instances_key(svc), r.id.clone()]);
+            state::fenced(fence, &mut self.conn, &cmds).await?;
+            return Ok(());
+        }
+        let mut g = r.clone();
+        g.phase = Phase::Gone;
+        cmds.push(state::put_cmd(svc, &g));
+        state::fenced(fence, &mut self.conn, &cmds).await?;
+        self.release_gone(fence, svc, &g).await
+    }
+
+    /// Releases a `gone` record's placement, then deletes the record.
+    async fn release_gone(
+        &mut self,
+        fence: &Fence,
+        svc: &str,
+        r: &InstanceRecord,
+    ) -> Result<(), RoundError> {
+        if let (Some(mm), Some(p)) = (&self.mm, &r.placement) {
+            if !self.leading_with(fence) {
+                return Ok(());
+            }
+            if let Err(e) = mm.release(p).await {
+                warn!(service = %svc, instance = %r.id, placement = %p, error = %e, "placement release not confirmed; will retry");
+                return Ok(());
+            }
+            info!(service = %svc, instance = %r.id, placement = %p, "placement released");
+        } else if let Some(p) = &r.placement {
+            // Placed while a machine-manager was configured, which this
+            // manager is not given: it cannot release it, and keeping the
+            // record would not either.
+            warn!(service = %svc, instance = %r.id, placement = %p, "no --machine-manager: placement not released; record forgotten");
+        }
+        state::fenced(
+            fence,
+            &mut self.conn,
+            &[vec!["HDEL".into(), state::instances_key(svc), r.id.clone()]],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Places (machine-manager mode), records `to − running` intents (with
+    /// the decision, atomically and fenced), then starts each through its
+    /// agent. Returns what could not be placed.
     async fn scale_up(
         &mut self,
         fence: &Fence,
@@ -384,15 +723,43 @@ impl Manager {
         existing: &[InstanceRecord],
         running: u32,
         to: u32,
-        rec: DecisionRecord,
-    ) -> Result<(), RoundError> {
+        mut rec: DecisionRecord,
+    ) -> Result<Option<Shortfall>, RoundError> {
         let svc = &spec.name;
         let now_ms = crate::sigv4::unix_now_ms();
         let mut planned: Vec<InstanceRecord> = Vec::new();
+        let mut short = None;
         for _ in running..to {
             let all: Vec<&InstanceRecord> = existing.iter().chain(planned.iter()).collect();
-            planned.push(self.plan_instance(spec, &all, now_ms)?);
+            match self.plan_instance(fence, spec, &all, now_ms).await {
+                Ok(p) => planned.push(p),
+                Err(PlanError::Short(reason)) => {
+                    short = Some(reason);
+                    break;
+                }
+                Err(PlanError::Round(e)) => {
+                    self.release_unrecorded(svc, &planned).await;
+                    return Err(e);
+                }
+            }
         }
+        let short = short.map(|reason| Shortfall {
+            placed: planned.len(),
+            reason,
+        });
+        if planned.is_empty() {
+            return Ok(short);
+        }
+        rec.to = running + planned.len() as u32;
+        if let Some(s) = &short {
+            rec.reason = format!(
+                "{}; placed {} only: {}",
+                rec.reason,
+                planned.len(),
+                s.reason
+            );
+        }
+        info!(service = %svc, running, to = rec.to, reason = %rec.reason, "decision");
         let mut cmds = state::decision_cmds(&rec);
         for p in &planned {
             cmds.push(state::put_cmd(svc, p));
@@ -403,89 +770,136 @@ impl Manager {
             "last_start_ms".into(),
             now_ms.to_string(),
         ]);
-        state::fenced(fence, &mut self.conn, &cmds).await?;
+        if let Err(e) = state::fenced(fence, &mut self.conn, &cmds).await {
+            self.release_unrecorded(svc, &planned).await;
+            return Err(e.into());
+        }
         for mut p in planned {
             self.complete_start(fence, spec, &mut p).await?;
         }
-        Ok(())
+        Ok(short)
     }
 
-    /// Chooses node, id and parameters for a new instance.
-    fn plan_instance(
-        &self,
-        spec: &ServiceSpec,
-        existing: &[&InstanceRecord],
-        now_ms: i64,
-    ) -> Result<InstanceRecord, RoundError> {
-        let spec_err = |detail: String| RoundError::Spec {
-            service: spec.name.clone(),
-            detail,
-        };
-        // Spread: the eligible agent running the fewest of this service.
-        let agent = self
-            .args
-            .agents
-            .iter()
-            .filter(|a| spec.requirements.node.as_ref().is_none_or(|n| *n == a.node))
-            .min_by_key(|a| existing.iter().filter(|r| r.node == a.node).count())
-            .ok_or_else(|| spec_err("no configured agent meets requirements.node".into()))?;
-        let id = format!("{}-{}", prefix_of(&spec.name), random_suffix());
-        let mut params = BTreeMap::new();
-        let mut addr = None;
-        for (name, ty) in &spec.params {
-            let port_param = spec.lb.as_ref().map(|l| l.port_param.as_str());
-            match ty {
-                ParamType::Port { min, max } if Some(name.as_str()) == port_param => {
-                    let used: Vec<String> = existing
-                        .iter()
-                        .filter(|r| r.node == agent.node)
-                        .filter_map(|r| r.params.get(name).cloned())
-                        .collect();
-                    let port = (*min..=*max)
-                        .find(|p| !used.contains(&p.to_string()))
-                        .ok_or_else(|| spec_err(format!("params.{name}: no free port left")))?;
-                    params.insert(name.clone(), port.to_string());
-                    addr = Some(std::net::SocketAddr::new(agent.ip, port).to_string());
-                }
-                _ => {
-                    return Err(spec_err(format!(
-                        "params.{name}: the container-manager fills only {INSTANCE_ID_PARAM} \
-                         and the lb port parameter"
-                    )))
+    /// Best-effort release of placements no intent records (a failed
+    /// write): otherwise they would hold capacity at the machine-manager.
+    async fn release_unrecorded(&self, svc: &str, planned: &[InstanceRecord]) {
+        let Some(mm) = &self.mm else { return };
+        for p in planned {
+            if let Some(id) = &p.placement {
+                if let Err(e) = mm.release(id).await {
+                    warn!(service = %svc, placement = %id, error = %e, "releasing an unrecorded placement failed");
                 }
             }
         }
-        Ok(InstanceRecord {
-            id,
-            node: agent.node.clone(),
-            agent: agent.url.to_string(),
-            addr: if spec.load_balanced { addr } else { None },
-            params,
-            phase: Phase::Starting,
-            created_ms: now_ms,
-            drain_since_ms: None,
-        })
+    }
+
+    /// Where a new instance runs: the least-used static agent, or the node
+    /// the machine-manager places it on (with the placement id).
+    async fn choose_node(
+        &self,
+        fence: &Fence,
+        spec: &ServiceSpec,
+        existing: &[&InstanceRecord],
+    ) -> Result<(AgentTarget, Option<String>), PlanError> {
+        let Some(mm) = &self.mm else {
+            // Spread: the eligible agent running the fewest of this service.
+            return self
+                .args
+                .agents
+                .iter()
+                .filter(|a| spec.requirements.node.as_ref().is_none_or(|n| *n == a.node))
+                .min_by_key(|a| existing.iter().filter(|r| r.node == a.node).count())
+                .map(|a| (a.clone(), None))
+                .ok_or_else(|| {
+                    PlanError::Round(RoundError::Spec {
+                        service: spec.name.clone(),
+                        detail: "no configured agent meets requirements.node".into(),
+                    })
+                });
+        };
+        if !self.leading_with(fence) {
+            return Err(PlanError::Short("lease lost: no placement asked".into()));
+        }
+        match mm.place(spec).await {
+            Ok(Placement::Placed { node, address, id }) => {
+                match placed_target(&node, &address, self.args.agent_port) {
+                    Ok(t) => {
+                        info!(service = %spec.name, %node, placement = %id, "placed by the machine-manager");
+                        Ok((t, Some(id)))
+                    }
+                    Err(e) => {
+                        if let Err(re) = mm.release(&id).await {
+                            warn!(service = %spec.name, placement = %id, error = %re, "releasing an unusable placement failed");
+                        }
+                        Err(PlanError::Short(format!("placement unusable: {e}")))
+                    }
+                }
+            }
+            Ok(Placement::Starting { node }) => Err(PlanError::Short(format!(
+                "waiting for node {node}, which the machine-manager is starting"
+            ))),
+            Ok(Placement::Refused { code, reason, .. }) => Err(PlanError::Short(format!(
+                "placement refused by the machine-manager ({code}): {reason}"
+            ))),
+            Err(e) => Err(PlanError::Short(format!("machine-manager: {e}"))),
+        }
+    }
+
+    /// Chooses node, id and parameters for a new instance.
+    async fn plan_instance(
+        &self,
+        fence: &Fence,
+        spec: &ServiceSpec,
+        existing: &[&InstanceRecord],
+        now_ms: i64,
+    ) -> Result<InstanceRecord, PlanError> {
+        let (agent, placement) = self.choose_node(fence, spec, existing).await?;
+        match fill_params(spec, &agent, existing) {
+            Ok((params, addr)) => Ok(InstanceRecord {
+                id: format!("{}-{}", prefix_of(&spec.name), random_suffix()),
+                node: agent.node.clone(),
+                agent: agent.url.to_string(),
+                addr: if spec.load_balanced { addr } else { None },
+                params,
+                phase: Phase::Starting,
+                created_ms: now_ms,
+                drain_since_ms: None,
+                placement,
+            }),
+            Err(detail) => {
+                if let (Some(mm), Some(id)) = (&self.mm, &placement) {
+                    if let Err(e) = mm.release(id).await {
+                        warn!(service = %spec.name, placement = %id, error = %e, "releasing a placement failed");
+                    }
+                }
+                Err(PlanError::Round(RoundError::Spec {
+                    service: spec.name.clone(),
+                    detail,
+                }))
+            }
+        }
     }
 
     /// Starts a recorded intent (idempotent at the agent) and marks it
     /// running; a load-balanced instance joins the balancer's backends.
+    /// False if the intent was dropped (the agent refused it).
     async fn complete_start(
         &mut self,
         fence: &Fence,
         spec: &ServiceSpec,
         r: &mut InstanceRecord,
-    ) -> Result<(), RoundError> {
+    ) -> Result<bool, RoundError> {
         let svc = &spec.name;
         let url: hyper::Uri = match r.agent.parse() {
             Ok(u) => u,
             Err(_) => {
                 warn!(service = %svc, instance = %r.id, agent = %r.agent, "bad agent URL in record");
-                return Ok(());
+                return Ok(true);
             }
         };
         if !self.leading_with(fence) {
             warn!(service = %svc, instance = %r.id, "lease lost: not calling the agent; the next leader completes the intent");
-            return Ok(());
+            return Ok(true);
         }
         match self.client.start(&url, &r.id, svc, &r.params).await {
             Ok(_) => {
@@ -501,25 +915,23 @@ impl Manager {
                 }
                 state::fenced(fence, &mut self.conn, &cmds).await?;
                 info!(service = %svc, instance = %r.id, node = %r.node, "instance started");
+                Ok(true)
             }
             Err(AgentCallError::Refused { status, body, .. }) if (400..500).contains(&status) => {
-                // The agent will never run this request: drop the intent so
-                // the policy can try again with a fresh one.
+                // The agent will never run this request: drop the intent (and
+                // its placement) so the policy can try again with a fresh one.
                 warn!(service = %svc, instance = %r.id, status, %body, "start refused; intent dropped");
-                state::fenced(
-                    fence,
-                    &mut self.conn,
-                    &[vec!["HDEL".into(), state::instances_key(svc), r.id.clone()]],
-                )
-                .await?;
+                self.forget(fence, svc, r, Vec::new()).await?;
+                Ok(false)
             }
             Err(e) => {
-                // Unknown outcome: keep the intent; the next round retries
-                // with the same id, which cannot start a second copy.
+                // Unknown outcome (or the node's agent is not up yet): keep
+                // the intent; the next round retries with the same id,
+                // which cannot start a second copy.
                 warn!(service = %svc, instance = %r.id, error = %e, "start not confirmed; will retry");
+                Ok(true)
             }
         }
-        Ok(())
     }
 
     /// Drains the least-loaded (then newest) running instances.
@@ -568,8 +980,9 @@ impl Manager {
         Ok(())
     }
 
-    /// Stops a drained instance and forgets it; false if the agent could
-    /// not confirm (retried next round).
+    /// Stops a drained instance and forgets it (address, drain mark,
+    /// reports, placement); false if the agent could not confirm (retried
+    /// next round).
     async fn finish_drain(
         &mut self,
         fence: &Fence,
@@ -588,17 +1001,45 @@ impl Manager {
             warn!(service = %svc, instance = %r.id, error = %e, "stop not confirmed; will retry");
             return Ok(false);
         }
-        let cmds = vec![
-            vec!["HDEL".into(), state::instances_key(svc), r.id.clone()],
-            vec!["HDEL".into(), addr_key(svc), r.id.clone()],
-            vec!["SREM".into(), drain_key(svc), r.id.clone()],
-            vec!["ZREM".into(), load_key(svc), r.id.clone()],
-            vec!["ZREM".into(), seen_key(svc), r.id.clone()],
-        ];
-        state::fenced(fence, &mut self.conn, &cmds).await?;
+        self.forget(fence, svc, r, Vec::new()).await?;
         info!(service = %svc, instance = %r.id, "instance stopped");
         Ok(true)
     }
+}
+
+/// The start parameters of a new instance on `agent`'s node (the lb port:
+/// the lowest of its range not used there) and its balancer address.
+fn fill_params(
+    spec: &ServiceSpec,
+    agent: &AgentTarget,
+    existing: &[&InstanceRecord],
+) -> Result<(BTreeMap<String, String>, Option<String>), String> {
+    let mut params = BTreeMap::new();
+    let mut addr = None;
+    for (name, ty) in &spec.params {
+        let port_param = spec.lb.as_ref().map(|l| l.port_param.as_str());
+        match ty {
+            ParamType::Port { min, max } if Some(name.as_str()) == port_param => {
+                let used: Vec<String> = existing
+                    .iter()
+                    .filter(|r| r.node == agent.node)
+                    .filter_map(|r| r.params.get(name).cloned())
+                    .collect();
+                let port = (*min..=*max)
+                    .find(|p| !used.contains(&p.to_string()))
+                    .ok_or_else(|| format!("params.{name}: no free port left"))?;
+                params.insert(name.clone(), port.to_string());
+                addr = Some(std::net::SocketAddr::new(agent.ip, port).to_string());
+            }
+            _ => {
+                return Err(format!(
+                    "params.{name}: the container-manager fills only {INSTANCE_ID_PARAM} \
+                     and the lb port parameter"
+                ))
+            }
+        }
+    }
+    Ok((params, addr))
 }
 
 /// Instance ids are `[A-Za-z0-9_-]{1,64}`: keep the service name's allowed
@@ -651,6 +1092,77 @@ mod tests {
         assert!(parse_agent("n 1=http://127.0.0.1:1")
             .unwrap_err()
             .contains("node"));
+    }
+
+    #[test]
+    fn machine_manager_urls_and_placed_agents() {
+        assert!(parse_mm_url("http://127.0.0.1:7400").is_ok());
+        assert!(parse_mm_url("http://mm.example:7400/").is_ok());
+        assert!(parse_mm_url("https://127.0.0.1:7400")
+            .unwrap_err()
+            .contains("http://"));
+        assert!(parse_mm_url("http://127.0.0.1")
+            .unwrap_err()
+            .contains("port"));
+        assert!(parse_mm_url("http://127.0.0.1:1/v1")
+            .unwrap_err()
+            .contains("path"));
+        let t = placed_target("n2", "10.0.0.7", 7070).unwrap();
+        assert_eq!(t.node, "n2");
+        assert_eq!(t.url.to_string(), "http://10.0.0.7:7070/");
+        let t6 = placed_target("n3", "fd00::7", 7070).unwrap();
+        assert_eq!(t6.ip.to_string(), "fd00::7");
+        assert!(placed_target("n2", "", 7070)
+            .unwrap_err()
+            .contains("not an IP"));
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        cm: ContainerManagerArgs,
+    }
+
+    #[test]
+    fn exactly_one_placement_mode_is_required() {
+        use clap::Parser;
+        let base = ["cm", "--access-key-id", "AK", "--secret", "S"];
+        let with = |extra: &[&str]| {
+            Cli::try_parse_from(base.iter().chain(extra.iter()).copied()).map_err(|e| e.to_string())
+        };
+        let neither = with(&[]).unwrap_err();
+        assert!(
+            neither.contains("--agent") && neither.contains("--machine-manager"),
+            "{neither}"
+        );
+        let both = with(&[
+            "--agent",
+            "n1=http://127.0.0.1:7070",
+            "--machine-manager",
+            "http://127.0.0.1:7400",
+        ])
+        .unwrap_err();
+        assert!(
+            both.contains("--agent") && both.contains("--machine-manager"),
+            "{both}"
+        );
+        let a = with(&[
+            "--agent",
+            "n1=http://127.0.0.1:7070",
+            "--agent",
+            "n2=http://127.0.0.2:7070",
+        ])
+        .unwrap();
+        assert_eq!(a.cm.agents.len(), 2);
+        let m = with(&[
+            "--machine-manager",
+            "http://127.0.0.1:7400",
+            "--agent-port",
+            "7171",
+        ])
+        .unwrap();
+        assert!(m.cm.agents.is_empty());
+        assert_eq!(m.cm.agent_port, 7171);
     }
 
     #[test]

@@ -12,6 +12,14 @@
 //!    (from /proc/PID/stat) never asks for more.
 //! 3. A manager killed during a scale-up, then replaced, loses no instance
 //!    and starts no duplicate.
+//! 4. An instance killed with SIGKILL is noticed through its agent's list,
+//!    forgotten (record, balancer, scoreboard) and replaced so `min` holds;
+//!    an unreachable agent is no evidence: nothing is dropped or started.
+//! 5. With `--machine-manager` (real, in-process, static nodes reporting
+//!    signed NodeReports): instances run only on the node the
+//!    machine-manager chooses by requirements; a refused placement
+//!    (max_count 0) starts nothing and records the reason; a placement no
+//!    record owns is released; scale-in gives the placement back.
 
 mod common;
 
@@ -60,7 +68,8 @@ struct Env {
     agents: Vec<(String, AgentHandle)>,
 }
 
-fn service_toml(name: &str, min: u32, max: u32, dir: &Path, port: u16) -> String {
+/// A service entry with `extra` TOML lines (e.g. requirements).
+fn service_toml_with(name: &str, min: u32, max: u32, dir: &Path, port: u16, extra: &str) -> String {
     let d = dir.display();
     format!(
         r#"
@@ -76,6 +85,7 @@ stop_grace_secs = 1
 resources = {{ cpu = 0.1, ram_mib = 16 }}
 params = {{ port = {{ type = "port", min = 20000, max = 20100 }} }}
 templates.start = {{ argv = ["/bin/sh", "{d}/inst.sh", "{{instance_id}}", "{name}", "{port}", "{d}/backlog-{name}", "{{port}}"] }}
+{extra}
 "#,
         w = WARM_MS / 1000,
         c = COOL_MS / 1000,
@@ -83,6 +93,13 @@ templates.start = {{ argv = ["/bin/sh", "{d}/inst.sh", "{{instance_id}}", "{name
 }
 
 async fn env(services: &[(&str, u32, u32)]) -> Env {
+    let with: Vec<(&str, u32, u32, &str)> =
+        services.iter().map(|(n, a, b)| (*n, *a, *b, "")).collect();
+    env_with(&with).await
+}
+
+/// Like [`env`], each service with extra TOML lines.
+async fn env_with(services: &[(&str, u32, u32, &str)]) -> Env {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("inst.sh"), INSTANCE_SH).unwrap();
@@ -99,9 +116,16 @@ async fn env(services: &[(&str, u32, u32)]) -> Env {
     .await
     .unwrap();
     let mut toml = String::new();
-    for (name, min, max) in services {
+    for (name, min, max, extra) in services {
         std::fs::write(dir.path().join(format!("backlog-{name}")), "0").unwrap();
-        toml.push_str(&service_toml(name, *min, *max, dir.path(), redis.port));
+        toml.push_str(&service_toml_with(
+            name,
+            *min,
+            *max,
+            dir.path(),
+            redis.port,
+            extra,
+        ));
     }
     Registry::connect(&redis.url())
         .await
@@ -143,6 +167,8 @@ impl Env {
         ContainerManagerArgs {
             redis: self.redis.url(),
             agents: agents.iter().map(|a| parse_agent(a).unwrap()).collect(),
+            machine_manager: None,
+            agent_port: 7070,
             access_key_id: self.cm.akid.clone(),
             secret: self.cm.secret.clone(),
             region: REGION.into(),
@@ -629,5 +655,442 @@ async fn killed_manager_mid_scale_up_loses_nothing_and_duplicates_nothing() {
     );
     assert_eq!(e.backends("jobs").len() as u32, want);
     c.shutdown().await;
+    e.teardown().await;
+}
+
+/// A scoreboard score of `id` in `key`, if any.
+fn zscore(e: &Env, key: &str, id: &str) -> Option<f64> {
+    let mut c = e.redis.conn();
+    redis::cmd("ZSCORE").arg(key).arg(id).query(&mut c).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_instance_is_replaced_and_an_unreachable_agent_drops_nothing() {
+    use headroom_control::scoreboard::{drain_key, load_key, seen_key};
+    let (min, max) = (2, 4);
+    let mut e = env(&[("svc", min, max)]).await;
+    e.add_agent("n1", "127.0.0.1:0").await;
+    let agents = vec![e.agent_spec("n1")];
+    let cm = start_container_manager(e.cm_args("cm-a", &agents))
+        .await
+        .unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "min instances running and in the balancer",
+        || {},
+        || {
+            e.live("svc").len() as u32 == min
+                && e.records("svc").iter().all(|r| r.phase == Phase::Running)
+                && e.backends("svc").len() as u32 == min
+        },
+    )
+    .await;
+    let first: BTreeSet<String> = e.records("svc").iter().map(|r| r.id.clone()).collect();
+    let victim = first.iter().next().unwrap().clone();
+    wait_for(
+        Duration::from_secs(10),
+        "the victim reports its load",
+        || {},
+        || zscore(&e, &load_key("svc"), &victim).is_some(),
+    )
+    .await;
+    let pid = e
+        .live("svc")
+        .iter()
+        .find(|r| r.instance_id == victim)
+        .unwrap()
+        .pid;
+    // The agent starts each instance as its own process group.
+    assert_eq!(unsafe { libc::kill(-(pid as i32), libc::SIGKILL) }, 0);
+
+    wait_for(
+        Duration::from_secs(30),
+        "the killed instance forgotten and replaced",
+        || assert!(e.live("svc").len() as u32 <= max),
+        || {
+            let recs = e.records("svc");
+            let b = e.backends("svc");
+            !recs.iter().any(|r| r.id == victim)
+                && recs.len() as u32 == min
+                && recs.iter().all(|r| r.phase == Phase::Running)
+                && e.live("svc").len() as u32 == min
+                && b.len() as u32 == min
+                && !b.contains_key(&victim)
+        },
+    )
+    .await;
+    // The scoreboard forgot it: reports and drain mark too.
+    assert_eq!(zscore(&e, &load_key("svc"), &victim), None);
+    assert_eq!(zscore(&e, &seen_key("svc"), &victim), None);
+    let drained: bool = redis::cmd("SISMEMBER")
+        .arg(drain_key("svc"))
+        .arg(&victim)
+        .query(&mut e.redis.conn())
+        .unwrap();
+    assert!(!drained);
+    // The agent: the victim stays exited (killed by 9), never started
+    // again; exactly one new id was started.
+    let all = e.agent_instances("svc");
+    let v = all.iter().find(|r| r.instance_id == victim).unwrap();
+    assert_eq!(v.state, State::Exited, "{v:?}");
+    assert_eq!(v.signal, Some(libc::SIGKILL), "{v:?}");
+    let ids: BTreeSet<String> = all.iter().map(|r| r.instance_id.clone()).collect();
+    assert_eq!(all.len(), ids.len(), "an id was started twice: {all:?}");
+    assert_eq!(all.len() as u32, min + 1, "{all:?}");
+    let now: BTreeSet<String> = e.records("svc").iter().map(|r| r.id.clone()).collect();
+    assert_eq!(now.difference(&first).count(), 1, "one replacement");
+    // Recorded: the replacement reason, then the scale-up back to min.
+    let d = e.decisions("svc");
+    let at = d
+        .iter()
+        .position(|d| d.action == "replace")
+        .unwrap_or_else(|| panic!("no replace decision: {d:#?}"));
+    assert!(
+        d[at].reason.contains(&victim) && d[at].reason.contains("signal 9"),
+        "{:?}",
+        d[at]
+    );
+    assert_eq!((d[at].running, d[at].to), (min, min - 1));
+    assert!(
+        d[at + 1..]
+            .iter()
+            .any(|x| x.action == "up" && x.to == min && x.reason.contains("below min")),
+        "{d:#?}"
+    );
+    assert_eq!(d.iter().filter(|d| d.action == "replace").count(), 1);
+
+    // The node's agent becomes unreachable (its records point at a port
+    // nobody listens on): no evidence of exit, so nothing is dropped and
+    // nothing is started.
+    let dead = format!("http://127.0.0.1:{}/", free_port());
+    let mut c = e.redis.conn();
+    for mut r in e.records("svc") {
+        r.agent = dead.clone();
+        let _: () = redis::cmd("HSET")
+            .arg(instances_key("svc"))
+            .arg(&r.id)
+            .arg(serde_json::to_string(&r).unwrap())
+            .query(&mut c)
+            .unwrap();
+    }
+    let decided = e.decisions("svc").len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let kept: BTreeSet<String> = e.records("svc").iter().map(|r| r.id.clone()).collect();
+    assert_eq!(kept, now, "records kept through the outage");
+    assert!(e.records("svc").iter().all(|r| r.phase == Phase::Running));
+    assert_eq!(e.backends("svc").len() as u32, min);
+    assert_eq!(e.agent_instances("svc").len() as u32, min + 1);
+    let later: Vec<DecisionRecord> = e.decisions("svc").split_off(decided);
+    assert!(
+        later.iter().all(|d| d.action == "hold"),
+        "acted during the outage: {later:#?}"
+    );
+    cm.shutdown().await;
+    e.teardown().await;
+}
+
+/// Posts a signed NodeReport for `node` every 300 ms (fixed, low use, so
+/// placement does not depend on how busy the test machine is) until
+/// aborted; bounded to 10 minutes.
+fn report_node(mm: std::net::SocketAddr, node: &str, creds: Creds) -> tokio::task::JoinHandle<()> {
+    let node = node.to_string();
+    tokio::spawn(async move {
+        let c = client();
+        for _ in 0..2000 {
+            let body = serde_json::json!({
+                "node": node,
+                "ts_ms": headroom_control::sigv4::unix_now_ms(),
+                "cpu_pct": 5.0,
+                "mem_used_bytes": 100u64 << 20,
+                "mem_total_bytes": 8u64 << 30,
+                "net_rx_bps": 0.0,
+                "net_tx_bps": 0.0,
+                "disk_used_bytes": 1,
+                "disk_total_bytes": 2,
+            })
+            .to_string();
+            let _ = signed(
+                &c,
+                mm,
+                "POST",
+                headroom_control::node_report::NODE_REPORT_PATH,
+                body.as_bytes(),
+                &creds,
+                headroom_control::node_report::NODE_REPORT_SERVICE,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// A placement hash of the machine-manager: placement id → JSON.
+fn mm_hash(e: &Env, key: &str) -> HashMap<String, String> {
+    let mut c = e.redis.conn();
+    redis::cmd("HGETALL").arg(key).query(&mut c).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_manager_places_instances_refuses_with_reason_and_gets_places_back() {
+    use headroom_control::machine_manager::registry::{self as mmreg, Keys, NodeState};
+    use headroom_control::machine_manager::{start_machine_manager, MachineManagerConfig};
+    use headroom_control::node_report::{node_principal, NODE_REPORT_SERVICE};
+
+    let (min, max) = (2, 4);
+    // web may run only where zone=b (node n2); gpu needs a node type whose
+    // max_count is 0 and of which no node exists.
+    let mut e = env_with(&[
+        (
+            "web",
+            min,
+            max,
+            r#"requirements = { labels = { zone = "b" } }"#,
+        ),
+        ("gpu", 1, 2, r#"requirements = { node_type = "gpu" }"#),
+    ])
+    .await;
+    let mut ks = KeyStore::connect(&e.redis.url()).await.unwrap();
+    ks.set_grant(
+        NODE_REPORT_SERVICE,
+        "container-manager",
+        &Grant {
+            methods: vec!["GET".into(), "POST".into(), "DELETE".into()],
+            prefixes: vec!["/v1/placements".into(), "/v1/nodes".into()],
+        },
+    )
+    .await
+    .unwrap();
+    let mut node_creds = HashMap::new();
+    for n in ["n1", "n2"] {
+        let k = ks.create_key(&node_principal(n)).await.unwrap();
+        node_creds.insert(
+            n,
+            Creds {
+                akid: k.access_key_id,
+                secret: k.secret,
+            },
+        );
+    }
+    let cfg = MachineManagerConfig::parse(&format!(
+        r#"
+listen = "127.0.0.1:0"
+redis = "{redis}"
+monthly_cost_limit = 1000.0
+lease_ttl_ms = 2000
+tick_ms = 200
+
+[[node_type]]
+name = "small"
+cpu = 4
+ram_mib = 8192
+disk_gib = 10
+disk_kind = "ssd"
+cost_per_hour = 0.0
+start = ["/bin/false"]
+stop = ["/bin/true"]
+max_count = 1
+labels = {{ zone = "a" }}
+
+[[node_type]]
+name = "large"
+cpu = 8
+ram_mib = 8192
+disk_gib = 10
+disk_kind = "ssd"
+cost_per_hour = 0.0
+start = ["/bin/false"]
+stop = ["/bin/true"]
+max_count = 1
+labels = {{ zone = "b" }}
+
+[[node_type]]
+name = "gpu"
+cpu = 8
+ram_mib = 8192
+disk_gib = 10
+disk_kind = "nvme"
+cost_per_hour = 1.0
+start = ["/bin/false"]
+stop = ["/bin/true"]
+max_count = 0
+
+[[static_node]]
+name = "n1"
+type = "small"
+address = "127.0.0.2"
+
+[[static_node]]
+name = "n2"
+type = "large"
+address = "127.0.0.3"
+"#,
+        redis = e.redis.url()
+    ))
+    .unwrap();
+    let mm = start_machine_manager(cfg).await.unwrap();
+    let reporters: Vec<_> = ["n1", "n2"]
+        .iter()
+        .map(|n| report_node(mm.local_addr, n, node_creds[n].clone()))
+        .collect();
+    let keys = Keys::new("headroom:mm");
+    let mut rc = headroom_control::lease::connect(&e.redis.url())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in ["n1", "n2"] {
+        loop {
+            let st = mmreg::get_node(&mut rc, &keys, n).await.unwrap();
+            if st.is_some_and(|r| r.state == NodeState::Ready) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {n} never became ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // One agent per node, at the node's address and the common agent port.
+    let agent_port = free_port();
+    e.add_agent("n1", &format!("127.0.0.2:{agent_port}")).await;
+    e.add_agent("n2", &format!("127.0.0.3:{agent_port}")).await;
+    let mut args = e.cm_args("cm-a", &[]);
+    args.machine_manager = Some(format!("http://{}", mm.local_addr).parse().unwrap());
+    args.agent_port = agent_port;
+    let cm = start_container_manager(args).await.unwrap();
+
+    // Invariants on every poll: gpu never gets a record or an instance,
+    // and nothing of web runs on n1.
+    let check = |e: &Env| {
+        assert!(e.records("gpu").is_empty(), "{:?}", e.records("gpu"));
+        assert!(e.agent_instances("gpu").is_empty());
+        assert!(e.records("web").iter().all(|r| r.node == "n2"));
+        let (_, n1) = e.agents.iter().find(|(n, _)| n == "n1").unwrap();
+        assert!(n1.supervisor.list().is_empty(), "n1 ran something");
+        assert!(e.live("web").len() as u32 <= max);
+    };
+    // Every record's placement is at the machine-manager on n2, and n2
+    // holds no other placement (nothing leaked, nothing placed twice).
+    let placements_match = |e: &Env| {
+        let recs = e.records("web");
+        let mut ids: Vec<String> = recs.iter().filter_map(|r| r.placement.clone()).collect();
+        ids.sort();
+        let mut on_n2: Vec<String> = mm_hash(e, &keys.placements("n2")).into_keys().collect();
+        on_n2.sort();
+        ids.len() == recs.len()
+            && ids == on_n2
+            && mm_hash(e, &keys.placements("n1")).is_empty()
+            && mm_hash(e, &keys.placement_index()).len() == recs.len()
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "web at min on n2, placed by the machine-manager",
+        || check(&e),
+        || {
+            e.live("web").len() as u32 == min
+                && e.records("web").iter().all(|r| r.phase == Phase::Running)
+                && e.backends("web").len() as u32 == min
+                && placements_match(&e)
+        },
+    )
+    .await;
+    for (_, a) in e.backends("web") {
+        assert!(
+            a.starts_with("127.0.0.3:") && a.ends_with(";node=n2"),
+            "{a}"
+        );
+    }
+    // A placement no record owns, as a manager that died right after the
+    // answer would leave: the manager releases it once it is old enough.
+    let (st, body) = signed(
+        &client(),
+        mm.local_addr,
+        "POST",
+        "/v1/placements",
+        br#"{"service":"web","requirements":{"labels":{"zone":"b"}},"cpu":0.1,"ram_mib":16}"#,
+        &e.cm,
+        NODE_REPORT_SERVICE,
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let orphan = serde_json::from_str::<serde_json::Value>(&body).unwrap()["placement"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(mm_hash(&e, &keys.placements("n2")).contains_key(&orphan));
+    wait_for(
+        Duration::from_secs(30),
+        "the orphaned placement released",
+        || check(&e),
+        || !mm_hash(&e, &keys.placement_index()).contains_key(&orphan) && placements_match(&e),
+    )
+    .await;
+    assert_eq!(e.live("web").len() as u32, min, "instances untouched");
+    wait_for(
+        Duration::from_secs(20),
+        "the gpu refusal recorded",
+        || check(&e),
+        || !e.decisions("gpu").is_empty(),
+    )
+    .await;
+    let g = e.decisions("gpu");
+    assert!(
+        g.iter().all(|d| d.action == "hold"),
+        "gpu was never scaled: {g:#?}"
+    );
+    assert!(
+        g[0].reason.contains("max_count")
+            && g[0].reason.contains("max count reached for type gpu: 0/0"),
+        "{:?}",
+        g[0]
+    );
+
+    // Scale up on load (still only on n2), then back: the drained
+    // instance's placement is released.
+    e.set_backlog("web", 150.0);
+    let want = policy(min, max).predicted_replicas(150.0);
+    assert_eq!(want, 3);
+    wait_for(
+        Duration::from_secs(40),
+        "scale-up to 3 on n2",
+        || check(&e),
+        || {
+            e.live("web").len() as u32 == want
+                && e.records("web").iter().all(|r| r.phase == Phase::Running)
+                && placements_match(&e)
+        },
+    )
+    .await;
+    let at_three: BTreeSet<String> = e
+        .records("web")
+        .iter()
+        .filter_map(|r| r.placement.clone())
+        .collect();
+    e.set_backlog("web", 0.0);
+    wait_for(
+        Duration::from_secs(40),
+        "scale-in to 2 with the placement released",
+        || check(&e),
+        || {
+            e.live("web").len() as u32 == min
+                && e.records("web").len() as u32 == min
+                && placements_match(&e)
+        },
+    )
+    .await;
+    let left: BTreeSet<String> = e
+        .records("web")
+        .iter()
+        .filter_map(|r| r.placement.clone())
+        .collect();
+    let released: Vec<&String> = at_three.difference(&left).collect();
+    assert_eq!(released.len(), 1, "{at_three:?} → {left:?}");
+    assert!(!mm_hash(&e, &keys.placement_index()).contains_key(released[0]));
+    // The gpu service still has nothing and still no instance anywhere.
+    check(&e);
+    assert_eq!(e.agent_instances("web").len(), 3, "three ids ever started");
+
+    cm.shutdown().await;
+    for r in reporters {
+        r.abort();
+    }
+    mm.shutdown().await;
     e.teardown().await;
 }

@@ -1,58 +1,87 @@
 //! SigV4-signed calls from the container-manager to node agents
-//! (docs/AGENT.md): start (idempotent by instance id) and stop.
+//! (docs/AGENT.md): start (idempotent by instance id), stop, and the list
+//! of a node's instances (to notice ones that exited by themselves).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
 
+use super::signed_call::{refused, SignedClient};
+use crate::agent::supervise::State;
 use crate::agent::{AGENT_SERVICE, INSTANCES_PATH};
 
-/// Why an agent call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentCallError {
-    /// The agent could not be reached or did not answer in time.
-    #[error("agent {url}: {detail}")]
-    Unreachable {
-        /// Agent base URL.
-        url: String,
-        /// What went wrong.
-        detail: String,
-    },
-    /// The agent answered with a refusal.
-    #[error("agent {url}: HTTP {status}: {body}")]
-    Refused {
-        /// Agent base URL.
-        url: String,
-        /// HTTP status.
-        status: u16,
-        /// Answer body.
-        body: String,
-    },
+pub use super::signed_call::CallError as AgentCallError;
+
+/// A stop waits for the instance's grace period: allow for it.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A list is a table read: an agent slower than this counts as unreachable
+/// for the round (it delays every service's round).
+const LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the manager reads of an agent's instance (`GET /v1/instances`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct AgentInstance {
+    /// Instance id.
+    pub instance_id: String,
+    /// Service name.
+    pub service: String,
+    /// Life state at the agent.
+    pub state: State,
+    /// Exit code, when it ended normally.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Terminating signal, when it was killed.
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
+impl AgentInstance {
+    /// Why this instance is gone, or `None` while it may still run.
+    pub fn gone_reason(&self) -> Option<String> {
+        match self.state {
+            State::Running | State::Stopping => None,
+            State::Exited => Some(match (self.exit_code, self.signal) {
+                (Some(c), _) => format!("exited with status {c}"),
+                (None, Some(s)) => format!("exited, killed by signal {s}"),
+                (None, None) => "exited with unknown status".into(),
+            }),
+            State::Stopped => Some("was stopped outside the manager".into()),
+            State::Lost => Some("was lost by its agent (gone when the agent restarted)".into()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Listing {
+    instances: Vec<AgentInstance>,
 }
 
 /// Signing identity and HTTP client for agent calls.
 #[derive(Clone)]
 pub struct AgentClient {
-    access_key_id: String,
-    secret: String,
-    region: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    inner: SignedClient,
 }
 
 impl AgentClient {
     /// A client signing as `access_key_id` in `region`.
     pub fn new(access_key_id: String, secret: String, region: String) -> Self {
         AgentClient {
-            access_key_id,
-            secret,
-            region,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            inner: SignedClient::new(access_key_id, secret, region),
         }
+    }
+
+    async fn call(
+        &self,
+        base: &hyper::Uri,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, String), AgentCallError> {
+        self.inner
+            .call(base, AGENT_SERVICE, method, path, body, AGENT_TIMEOUT)
+            .await
     }
 
     /// `POST /v1/instances`: starts `instance_id` (or returns the running
@@ -92,63 +121,24 @@ impl AgentClient {
         }
     }
 
-    async fn call(
-        &self,
-        base: &hyper::Uri,
-        method: &str,
-        path: &str,
-        body: Vec<u8>,
-    ) -> Result<(u16, String), AgentCallError> {
-        let url = base.to_string();
-        let unreachable = |detail: String| AgentCallError::Unreachable {
-            url: url.clone(),
-            detail,
-        };
-        let host = base
-            .authority()
-            .map(|a| a.to_string())
-            .ok_or_else(|| unreachable("no host in the agent URL".into()))?;
-        let hdrs = crate::sigv4::sign(
-            method,
-            path,
-            "",
-            &[("host", &host)],
-            &body,
-            &self.access_key_id,
-            &self.secret,
-            &self.region,
-            AGENT_SERVICE,
-            crate::sigv4::unix_now(),
-        );
-        let mut b = Request::builder()
-            .method(method)
-            .uri(format!("http://{host}{path}"))
-            .header("host", &host);
-        for (n, v) in &hdrs {
-            b = b.header(n.as_str(), v.as_str());
+    /// `GET /v1/instances`: every instance the agent knows, of all services.
+    pub async fn list(&self, base: &hyper::Uri) -> Result<Vec<AgentInstance>, AgentCallError> {
+        let (st, text) = self
+            .inner
+            .call(
+                base,
+                AGENT_SERVICE,
+                "GET",
+                INSTANCES_PATH,
+                Vec::new(),
+                LIST_TIMEOUT,
+            )
+            .await?;
+        if st != 200 {
+            return Err(refused(base, st, text));
         }
-        let req = b
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| unreachable(e.to_string()))?;
-        // A stop waits for the instance's grace period: allow for it.
-        let resp = tokio::time::timeout(Duration::from_secs(60), self.client.request(req))
-            .await
-            .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
-            .await
-            .map_err(|_| unreachable("body timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
-    }
-}
-
-fn refused(base: &hyper::Uri, status: u16, body: String) -> AgentCallError {
-    AgentCallError::Refused {
-        url: base.to_string(),
-        status,
-        body: body.chars().take(300).collect(),
+        serde_json::from_str::<Listing>(&text)
+            .map(|l| l.instances)
+            .map_err(|e| refused(base, st, format!("unreadable instance list: {e}")))
     }
 }

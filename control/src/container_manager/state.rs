@@ -39,6 +39,9 @@ pub enum Phase {
     Running,
     /// Removed from the balancer; stopped once the cool-down has passed.
     Draining,
+    /// Ended (stopped, exited, or its start refused) and out of the
+    /// balancer; the record stays only until its placement is released.
+    Gone,
 }
 
 /// One instance as the manager records it.
@@ -63,6 +66,10 @@ pub struct InstanceRecord {
     /// When draining began, Unix ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain_since_ms: Option<i64>,
+    /// The machine-manager's placement id (released when the instance
+    /// ends); none with static `--agent` nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<String>,
 }
 
 /// One recorded decision.
@@ -72,7 +79,7 @@ pub struct DecisionRecord {
     pub ts_ms: i64,
     /// Service name.
     pub service: String,
-    /// `up`, `down` or `hold`.
+    /// `up`, `down`, `hold` or `replace` (an instance ended by itself).
     pub action: String,
     /// Instances counted before acting.
     pub running: u32,
@@ -146,4 +153,16 @@ pub async fn fenced<C: redis::aio::ConnectionLike>(
     cmds: &[Vec<String>],
 ) -> Result<(), LeaseError> {
     fence.exec(conn, cmds).await.map(|_| ())
+}
+
+/// The commands that take instance `id` out of the balancer and the
+/// scoreboard: its address, drain mark and reports.
+pub fn scoreboard_forget_cmds(service: &str, id: &str) -> Vec<Vec<String>> {
+    use crate::scoreboard::{addr_key, drain_key, load_key, seen_key};
+    vec![
+        vec!["HDEL".into(), addr_key(service), id.into()],
+        vec!["SREM".into(), drain_key(service), id.into()],
+        vec!["ZREM".into(), load_key(service), id.into()],
+        vec!["ZREM".into(), seen_key(service), id.into()],
+    ]
 }
