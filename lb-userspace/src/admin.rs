@@ -163,7 +163,7 @@ async fn handle(ctx: Ctx, req: Request<Incoming>) -> Resp {
     }
     match path.as_str() {
         "/metrics" => {
-            let body = metrics::render(&ctx.status.get(), now_ms());
+            let body = metrics::render(&ctx.status.get(), crate::daemon::now_ms());
             respond(StatusCode::OK, metrics::CONTENT_TYPE, body.into_bytes())
         }
         "/status" => json(StatusCode::OK, &ctx.status.get()),
@@ -257,12 +257,6 @@ fn error(code: StatusCode, message: String) -> Resp {
 }
 
 /// Milliseconds since the Unix epoch (the scoreboard's clock).
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

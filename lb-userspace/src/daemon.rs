@@ -934,7 +934,8 @@ fn weights_summary(members: &[Member]) -> String {
 }
 
 /// Milliseconds since the Unix epoch, the clock the scoreboard uses.
-fn now_ms() -> i64 {
+/// Wall-clock time in ms since the Unix epoch (the scoreboard's clock).
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -1086,7 +1087,7 @@ impl Daemon {
         status::ServiceDetail {
             name: svc.name.clone(),
             vip: Some(SocketAddr::new(svc.vip, svc.port)),
-            proto: proto_name(svc.key.proto).to_string(),
+            proto: crate::trace::Proto::of(svc.key.proto).as_str().to_string(),
             mode: svc.mode.to_string(),
             traffic: self
                 .lb
@@ -1124,7 +1125,7 @@ impl Daemon {
                     format!(
                         "{}/{}",
                         SocketAddr::new(s.vip, s.port),
-                        proto_name(s.key.proto)
+                        crate::trace::Proto::of(s.key.proto).as_str()
                     )
                 })
                 .collect();
@@ -1185,13 +1186,5 @@ impl Daemon {
                 });
         }
         Ok(answer)
-    }
-}
-
-/// `tcp` or `udp`.
-fn proto_name(proto: u8) -> &'static str {
-    match proto {
-        lb_common::PROTO_UDP => "udp",
-        _ => "tcp",
     }
 }

@@ -50,6 +50,16 @@ impl Proto {
         }
     }
 
+    /// The protocol of an IP protocol number (anything but UDP is TCP: the
+    /// data path balances only those two).
+    pub fn of(number: u8) -> Proto {
+        if number == lb_common::PROTO_UDP {
+            Proto::Udp
+        } else {
+            Proto::Tcp
+        }
+    }
+
     /// `tcp` or `udp`.
     pub fn as_str(self) -> &'static str {
         match self {
