@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod executor;
+pub mod logs;
 pub mod node_load;
 pub mod publish;
 pub mod supervise;
@@ -93,6 +94,10 @@ pub struct AgentArgs {
     /// Largest request body, bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     pub max_body_bytes: usize,
+    /// An instance's log (`STATE_DIR/logs/ID.log`) larger than this is
+    /// moved to `ID.log.1` and emptied (checked every 10 s).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    pub max_log_bytes: u64,
     /// Key-sync stream block time, ms.
     #[arg(long, default_value_t = 2000, hide = true)]
     pub sync_block_ms: u64,
@@ -114,6 +119,7 @@ impl AgentArgs {
             region: "headroom".into(),
             max_skew_secs: 300,
             max_body_bytes: 64 * 1024,
+            max_log_bytes: 16 * 1024 * 1024,
             sync_block_ms: 2000,
         }
     }
@@ -214,6 +220,16 @@ pub async fn start_agent(args: AgentArgs) -> anyhow::Result<AgentHandle> {
             args.redis.clone(),
             args.node.clone(),
             supervisor.clone(),
+            stop_rx.clone(),
+        )
+        .instrument(span.clone()),
+    ));
+    let sup = supervisor.clone();
+    tasks.push(tokio::spawn(
+        logs::run(
+            args.state_dir.join("logs"),
+            args.max_log_bytes,
+            move || sup.list().into_iter().map(|r| r.instance_id).collect(),
             stop_rx.clone(),
         )
         .instrument(span.clone()),
