@@ -6,6 +6,7 @@
 //! `if !require_root("root_name") { return; }`. `cargo xtask test` skips
 //! those when not root (and fails in CI when not root).
 pub mod bench_e2e;
+pub mod bins;
 pub mod bpffs;
 pub mod cmd;
 pub mod fixture_env;
@@ -14,6 +15,7 @@ pub mod netns;
 pub mod packets;
 pub mod process;
 pub mod redis;
+pub mod scale_env;
 pub mod topology;
 
 use std::net::{Ipv4Addr, TcpListener};

@@ -2,7 +2,7 @@
 use std::{
     fs,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -28,11 +28,19 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Addresses it listens on besides 127.0.0.1.
+    also_on: Vec<IpAddr>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Result<RedisServer> {
+        Self::start_also_on(&[])
+    }
+
+    /// Like [`RedisServer::start`], listening on `also_on` too (addresses
+    /// of the caller's network namespace, for clients in other namespaces).
+    pub fn start_also_on(also_on: &[IpAddr]) -> Result<RedisServer> {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("hr-redis-{}-{n}", std::process::id()));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -40,6 +48,7 @@ impl RedisServer {
             port: 0,
             dir,
             child: None,
+            also_on: also_on.to_vec(),
         };
         let mut last_err = None;
         for _ in 0..START_ATTEMPTS {
@@ -111,6 +120,14 @@ impl RedisServer {
         let log = self.dir.join("redis.log");
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(self.also_on.iter().map(|a| a.to_string()))
+            // Clients from other namespaces are not "loopback" to Redis;
+            // it listens only where the test says, in the test's namespaces.
+            .args(if self.also_on.is_empty() {
+                &[][..]
+            } else {
+                &["--protected-mode", "no"][..]
+            })
             // Nothing written to disk: restart() must come back empty.
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")

@@ -61,6 +61,7 @@ use std::{
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use headroom_tests::{
+    bins::headroom_bin,
     mountns::MountNs,
     require_root,
     topology::{backend_addr, backend_name, ClientLimits, Mode, Topology, VIP, VIP_PORT},
@@ -528,59 +529,11 @@ fn draining_backend_keeps_its_owner() -> Result<()> {
         let rep = reporter
             .join()
             .map_err(|_| anyhow!("the reporter panicked"))?;
-        result.and_then(|()| rep)
+        result.and(rep)
     })
 }
 
 // ---------------------------------------------------------------- the binary and its namespace
-
-/// The `headroom` binary, checked to be newer than the sources it is built from.
-fn headroom_bin() -> Result<PathBuf> {
-    // Given explicitly: the caller vouches for it.
-    if let Some(p) = std::env::var_os("HEADROOM_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    // target/<profile>/deps/lb_restart-HASH → target/<profile>/headroom
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(Path::parent)
-        .context("locating the target directory")?
-        .join("headroom");
-    let build = "cargo build --release -p lb-userspace --bin headroom (or set HEADROOM_BIN)";
-    let built = std::fs::metadata(&bin)
-        .and_then(|m| m.modified())
-        .with_context(|| format!("{} is missing: {build}", bin.display()))?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    for dir in ["lb-userspace/src", "control/src", "lb-common/src"] {
-        if let Some(newer) = newest(&root.join(dir))?.filter(|(t, _)| *t > built) {
-            bail!(
-                "{} is older than {}: {build}",
-                bin.display(),
-                newer.1.display()
-            );
-        }
-    }
-    Ok(bin)
-}
-
-/// The most recently modified file below `dir`.
-fn newest(dir: &Path) -> Result<Option<(SystemTime, PathBuf)>> {
-    let mut best: Option<(SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let p = e?.path();
-        let cand = if p.is_dir() {
-            newest(&p)?
-        } else {
-            Some((std::fs::metadata(&p)?.modified()?, p))
-        };
-        if let Some(c) = cand {
-            if best.as_ref().is_none_or(|b| c.0 > b.0) {
-                best = Some(c);
-            }
-        }
-    }
-    Ok(best)
-}
 
 /// One `headroom lb run`, its stderr in a file.
 struct Daemon {
