@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::keystore::{Change, ChangeEvent, Grant, KeyRecord, Snapshot};
+use crate::keystore::{secrets_in_scope, Change, ChangeEvent, Grant, KeyRecord, Snapshot};
 use crate::sigv4::{self, CachedSecret, RequestParts, SigError, VerifyPolicy};
 
 /// Why a request is refused. `status()` and `reason()` go to the client.
@@ -63,11 +63,15 @@ enum KeyEntry {
         current: Arc<CachedSecret>,
         previous: Option<(Arc<CachedSecret>, i64)>,
     },
+    /// Active, but its principal has no grant here, so we hold no secret:
+    /// refused with `no_grant` (without a signature check, which needs it).
+    Ungranted,
     Revoked,
 }
 
 fn entry_from(rec: &KeyRecord) -> KeyEntry {
     match (&rec.secret, rec.is_active()) {
+        (None, true) => KeyEntry::Ungranted,
         (Some(secret), true) => KeyEntry::Active {
             principal: rec.principal.clone(),
             current: Arc::new(CachedSecret::new(secret.clone())),
@@ -97,10 +101,25 @@ pub enum Source {
     Disk,
 }
 
+/// What [`AuthState::apply`] did with an event.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; the position moved past the event.
+    Done,
+    /// A grant for a principal whose secrets we do not hold (their keys are
+    /// stored stripped): nothing was changed, the position did not move; a
+    /// fresh snapshot brings the grant together with the secrets.
+    NeedsSnapshot,
+}
+
 /// The key cache. Cheap to share (`Arc`); reads take a read lock briefly.
+/// It holds secrets only for principals granted on its service (and those
+/// matching its identity prefixes); other keys are kept without secrets.
 #[derive(Debug)]
 pub struct AuthState {
     service: String,
+    identity_prefixes: Vec<String>,
     inner: RwLock<Inner>,
     ready: AtomicBool,
     source: Mutex<Source>,
@@ -108,8 +127,16 @@ pub struct AuthState {
 
 impl AuthState {
     pub fn new(service: &str) -> Self {
+        Self::with_identity_prefixes(service, Vec::new())
+    }
+
+    /// A cache that also keeps the secrets of principals whose name starts
+    /// with one of `prefixes`, granted here or not (see
+    /// [`secrets_in_scope`]).
+    pub fn with_identity_prefixes(service: &str, prefixes: Vec<String>) -> Self {
         AuthState {
             service: service.to_string(),
+            identity_prefixes: prefixes.into_iter().filter(|p| !p.is_empty()).collect(),
             inner: RwLock::new(Inner::default()),
             ready: AtomicBool::new(false),
             source: Mutex::new(Source::None),
@@ -141,8 +168,15 @@ impl AuthState {
         self.inner.read().ok()?.snapshot.clone()
     }
 
-    /// Replace everything with `snap`.
-    pub fn install(&self, snap: Snapshot, source: Source) {
+    /// The identity prefixes this cache was made with.
+    pub fn identity_prefixes(&self) -> &[String] {
+        &self.identity_prefixes
+    }
+
+    /// Replace everything with `snap` (secrets of out-of-scope principals
+    /// are dropped first, whatever the source).
+    pub fn install(&self, mut snap: Snapshot, source: Source) {
+        snap.strip_out_of_scope(&self.identity_prefixes);
         let keys = snap
             .keys
             .iter()
@@ -158,42 +192,62 @@ impl AuthState {
         self.ready.store(true, Ordering::Release);
     }
 
-    /// Apply one event that directly follows the installed position.
-    pub fn apply(&self, ev: &ChangeEvent) {
+    /// Apply one event that directly follows the installed position. Key
+    /// records of principals out of scope are stored without secrets; a
+    /// removed grant strips its principal's keys.
+    pub fn apply(&self, ev: &ChangeEvent) -> Applied {
         let Ok(mut g) = self.inner.write() else {
-            return;
+            // Poisoned lock: install() could not write either, so asking for
+            // a snapshot would only loop; the cache stays as it was.
+            return Applied::Done;
         };
         let Inner { snapshot, keys } = &mut *g;
         let Some(snap) = snapshot.as_mut() else {
-            return;
+            return Applied::NeedsSnapshot;
         };
         match &ev.change {
             Change::Key { record } => {
-                keys.insert(record.akid.clone(), entry_from(record));
+                let mut record = record.clone();
+                if !secrets_in_scope(&snap.grants, &self.identity_prefixes, &record.principal) {
+                    record.strip_secrets();
+                }
+                keys.insert(record.akid.clone(), entry_from(&record));
                 match snap.keys.iter_mut().find(|r| r.akid == record.akid) {
-                    Some(r) => *r = record.clone(),
-                    None => snap.keys.push(record.clone()),
+                    Some(r) => *r = record,
+                    None => snap.keys.push(record),
                 }
             }
             Change::Grant {
                 service,
                 principal,
                 grant,
-            } => {
-                if *service == self.service {
-                    match grant {
-                        Some(gr) => {
-                            snap.grants.insert(principal.clone(), gr.clone());
-                        }
-                        None => {
-                            snap.grants.remove(principal);
+            } if *service == self.service => match grant {
+                Some(gr) => {
+                    let had = secrets_in_scope(&snap.grants, &self.identity_prefixes, principal);
+                    let has_active_keys = snap
+                        .keys
+                        .iter()
+                        .any(|r| r.principal == *principal && r.is_active());
+                    if !had && has_active_keys {
+                        return Applied::NeedsSnapshot;
+                    }
+                    snap.grants.insert(principal.clone(), gr.clone());
+                }
+                None => {
+                    snap.grants.remove(principal);
+                    if !secrets_in_scope(&snap.grants, &self.identity_prefixes, principal) {
+                        for r in snap.keys.iter_mut().filter(|r| r.principal == *principal) {
+                            r.strip_secrets();
+                            keys.insert(r.akid.clone(), entry_from(r));
                         }
                     }
                 }
-            }
+            },
+            Change::Grant { .. } => {}
         }
         snap.seq = ev.seq;
         snap.last_id = ev.id.clone();
+        Applied::Done
     }
 
     /// Signature check: returns the principal.
@@ -212,6 +266,9 @@ impl AuthState {
             match g.keys.get(&parsed.access_key_id) {
                 None => return Err(Rejection::UnknownKey),
                 Some(KeyEntry::Revoked) => return Err(Rejection::KeyRevoked),
+                // No secret here to check the signature with; the answer is
+                // the one a correctly signed request would get anyway.
+                Some(KeyEntry::Ungranted) => return Err(Rejection::NoGrant),
                 Some(KeyEntry::Active {
                     principal,
                     current,

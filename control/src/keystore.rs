@@ -74,6 +74,32 @@ impl KeyRecord {
     pub fn is_active(&self) -> bool {
         self.status == "active"
     }
+
+    /// Drops the secrets (and the rotation overlap that only matters with
+    /// them); `true` if there was anything to drop.
+    pub fn strip_secrets(&mut self) -> bool {
+        let had = self.secret.is_some() || self.prev_secret.is_some();
+        self.secret = None;
+        self.prev_secret = None;
+        self.prev_expires_ms = None;
+        had
+    }
+}
+
+/// Whether a service instance may hold `principal`'s secrets: the principal
+/// has a grant on the service (`grants`), or its name starts with one of
+/// `identity_prefixes` (principals the service authenticates by name rather
+/// than by grant, e.g. the machine-manager's `node-*`). Empty prefixes are
+/// ignored (they would match everyone).
+pub fn secrets_in_scope(
+    grants: &BTreeMap<String, Grant>,
+    identity_prefixes: &[String],
+    principal: &str,
+) -> bool {
+    grants.contains_key(principal)
+        || identity_prefixes
+            .iter()
+            .any(|p| !p.is_empty() && principal.starts_with(p.as_str()))
 }
 
 /// What a principal may call on one service.
@@ -151,6 +177,21 @@ pub struct Snapshot {
     pub last_id: String,
     pub keys: Vec<KeyRecord>,
     pub grants: BTreeMap<String, Grant>,
+}
+
+impl Snapshot {
+    /// Strips the secrets of every key whose principal is out of scope
+    /// ([`secrets_in_scope`] with this snapshot's grants); returns how many
+    /// records lost secrets. Idempotent.
+    pub fn strip_out_of_scope(&mut self, identity_prefixes: &[String]) -> usize {
+        let grants = &self.grants;
+        self.keys
+            .iter_mut()
+            .filter(|r| !secrets_in_scope(grants, identity_prefixes, &r.principal))
+            .map(|r| r.strip_secrets())
+            .filter(|stripped| *stripped)
+            .count()
+    }
 }
 
 /// A change event as read from the stream.
@@ -288,15 +329,36 @@ emit('grant', payload)
 return 'ok'
 "#;
 
+// ARGV[1] = service, ARGV[2..] = identity principal prefixes. Secrets leave
+// Redis only for principals granted on the service (or matching a prefix);
+// every other key comes without them, so the instance can still tell
+// "unknown" from "not granted here" from "revoked".
 const SNAPSHOT: &str = r#"
 local gen = redis.call('GET', 'headroom:auth:gen') or ''
 local seq = redis.call('GET', 'headroom:auth:seq') or '0'
 local last = redis.call('GET', 'headroom:auth:last_id') or '0-0'
+local grants = redis.call('HGETALL', 'headroom:auth:grants:' .. ARGV[1])
+local granted = {}
+for i = 1, #grants, 2 do granted[grants[i]] = true end
+local function in_scope(p)
+  if p == nil then return false end
+  if granted[p] then return true end
+  for i = 2, #ARGV do
+    local pre = ARGV[i]
+    if pre ~= '' and string.sub(p, 1, #pre) == pre then return true end
+  end
+  return false
+end
 local keys = {}
 for _, akid in ipairs(redis.call('SMEMBERS', 'headroom:auth:keys')) do
-  keys[#keys + 1] = cjson.encode(record('headroom:auth:key:' .. akid))
+  local r = record('headroom:auth:key:' .. akid)
+  if not in_scope(r.principal) then
+    r.secret = nil
+    r.prev_secret = nil
+    r.prev_expires_ms = nil
+  end
+  keys[#keys + 1] = cjson.encode(r)
 end
-local grants = redis.call('HGETALL', 'headroom:auth:grants:' .. ARGV[1])
 return {gen, seq, last, keys, grants}
 "#;
 
@@ -564,13 +626,30 @@ impl KeyStore {
 }
 
 /// One atomic read (a Lua script) of the keys and of `service`'s grants,
-/// with the stream position they correspond to.
+/// with the stream position they correspond to. Only keys of principals
+/// granted on `service` carry secrets.
 pub async fn read_snapshot(
     conn: &mut MultiplexedConnection,
     service: &str,
 ) -> Result<Snapshot, KeyStoreError> {
+    read_snapshot_scoped(conn, service, &[]).await
+}
+
+/// [`read_snapshot`], also with the secrets of principals whose name starts
+/// with one of `identity_prefixes` (see [`secrets_in_scope`]).
+pub async fn read_snapshot_scoped(
+    conn: &mut MultiplexedConnection,
+    service: &str,
+    identity_prefixes: &[String],
+) -> Result<Snapshot, KeyStoreError> {
+    let s = script(SNAPSHOT);
+    let mut inv = s.prepare_invoke();
+    inv.arg(service);
+    for p in identity_prefixes.iter().filter(|p| !p.is_empty()) {
+        inv.arg(p.as_str());
+    }
     let (gen, seq, last_id, keys, grants): (String, String, String, Vec<String>, Vec<String>) =
-        script(SNAPSHOT).arg(service).invoke_async(conn).await?;
+        inv.invoke_async(conn).await?;
     let seq = seq
         .parse::<u64>()
         .map_err(|e| KeyStoreError::Decode(format!("seq: {e}")))?;

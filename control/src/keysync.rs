@@ -13,7 +13,7 @@ use redis::streams::StreamReadReply;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::authz::{AuthState, Source};
+use crate::authz::{Applied, AuthState, Source};
 use crate::keystore::{self, KeyStoreError, Snapshot, EVENTS_KEY, GEN_KEY, SEQ_KEY};
 
 #[derive(Debug, Clone)]
@@ -30,6 +30,11 @@ pub struct KeySyncConfig {
     pub initial_timeout: Duration,
     /// Upper bound of the reconnect back-off.
     pub max_backoff: Duration,
+    /// Principals (by name prefix) whose secrets this instance keeps even
+    /// without a grant on `service`, because it authenticates them by name
+    /// (the machine-manager's node reports: `node-*`). Everyone else's
+    /// secrets are held only while they have a grant on `service`.
+    pub identity_principal_prefixes: Vec<String>,
 }
 
 impl KeySyncConfig {
@@ -41,6 +46,7 @@ impl KeySyncConfig {
             block: Duration::from_millis(2000),
             initial_timeout: Duration::from_secs(2),
             max_backoff: Duration::from_millis(1000),
+            identity_principal_prefixes: Vec::new(),
         }
     }
 }
@@ -51,6 +57,8 @@ pub enum ResyncReason {
     Initial,
     GenerationChanged,
     SequenceGap,
+    /// A grant was added for a principal whose secrets we did not hold.
+    GrantAdded,
 }
 
 /// Handle on a running sync task.
@@ -66,12 +74,20 @@ impl KeySync {
     /// fails, load the disk snapshot; then follow in the background. The
     /// state is not ready if neither worked (the follower keeps trying).
     pub async fn start(cfg: KeySyncConfig) -> KeySync {
-        let state = Arc::new(AuthState::new(&cfg.service));
+        let state = Arc::new(AuthState::with_identity_prefixes(
+            &cfg.service,
+            cfg.identity_principal_prefixes.clone(),
+        ));
         let span = info_span!("keysync", service = %cfg.service);
         let first = tokio::time::timeout(cfg.initial_timeout, async {
             let mut conn =
                 keystore::connect(&cfg.redis_url, cfg.block + Duration::from_secs(3)).await?;
-            let snap = keystore::read_snapshot(&mut conn, &cfg.service).await?;
+            let snap = keystore::read_snapshot_scoped(
+                &mut conn,
+                &cfg.service,
+                &cfg.identity_principal_prefixes,
+            )
+            .await?;
             Ok::<_, KeyStoreError>((conn, snap))
         })
         .instrument(span.clone())
@@ -96,11 +112,20 @@ impl KeySync {
                     _ => "timeout".to_string(),
                 };
                 span.in_scope(|| warn!(error = %why, "redis unreachable at start"));
-                if let Some(snap) = cfg
+                if let Some(mut snap) = cfg
                     .snapshot_path
                     .as_deref()
                     .and_then(|p| load_snapshot(p, &cfg.service))
                 {
+                    // A file from an older version holds every principal's
+                    // secrets: drop the ones not granted here and rewrite it.
+                    let stripped = snap.strip_out_of_scope(&cfg.identity_principal_prefixes);
+                    if stripped > 0 {
+                        span.in_scope(|| {
+                            warn!(stripped, "disk snapshot held secrets of principals not granted here; removed")
+                        });
+                        persist(&cfg, &snap);
+                    }
                     span.in_scope(|| info!(seq = snap.seq, "serving from disk snapshot"));
                     state.install(snap, Source::Disk);
                 }
@@ -207,7 +232,12 @@ impl Follower {
             }
             match step {
                 Step::Resync(reason) => {
-                    let snap = keystore::read_snapshot(conn, &self.cfg.service).await?;
+                    let snap = keystore::read_snapshot_scoped(
+                        conn,
+                        &self.cfg.service,
+                        &self.cfg.identity_principal_prefixes,
+                    )
+                    .await?;
                     if snap.gen.is_empty() && self.state.is_ready() {
                         step = Step::Uninitialised;
                         continue;
@@ -303,7 +333,18 @@ impl Follower {
                 warn!(expected, got = ev.seq, "change stream gap");
                 return Ok(Step::Resync(ResyncReason::SequenceGap));
             }
-            self.state.apply(&ev);
+            if self.state.apply(&ev) == Applied::NeedsSnapshot {
+                // Rare (an admin granted a new principal here): the fresh
+                // snapshot brings that principal's secrets with the grant.
+                // Until it is installed, that principal still gets no_grant.
+                info!(seq = ev.seq, "grant for a principal without secrets here");
+                if applied > 0 {
+                    if let Some(snap) = self.state.snapshot() {
+                        persist(&self.cfg, &snap);
+                    }
+                }
+                return Ok(Step::Resync(ResyncReason::GrantAdded));
+            }
             applied += 1;
         }
         debug!(applied, "applied change events");

@@ -145,6 +145,9 @@ pub async fn start_machine_manager(
     let local_addr = listener.local_addr()?;
     let mut kcfg = KeySyncConfig::new(&cfg.redis, NODE_REPORT_SERVICE);
     kcfg.snapshot_path = cfg.snapshot.clone();
+    // Node reports are authenticated by principal name (`node-<name>`), not
+    // by grant: keep those secrets too.
+    kcfg.identity_principal_prefixes = vec![crate::node_report::node_principal("")];
     let keysync = KeySync::start(kcfg).await;
     let policy = VerifyPolicy {
         service: NODE_REPORT_SERVICE.into(),
