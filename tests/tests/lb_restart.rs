@@ -291,7 +291,7 @@ fn root_lb_restart_with_redis_down_keeps_tables() {
 /// forwarding `web` with the pinned table (same backend ids, nothing
 /// published): new connections split as before the restart.
 fn restart_with_redis_down() -> Result<()> {
-    use headroom::daemon::{Daemon as InProcess, RedisState, RunOptions};
+    use headroom::daemon::{RedisState, RunOptions};
     let mode = Mode::Nat;
     let topo = Topology::new_for_daemon(mode, BACKENDS).context("building the topology")?;
     let mut redis = {
@@ -307,28 +307,6 @@ fn restart_with_redis_down() -> Result<()> {
     let ifaces = topo.balancer_interfaces();
     let both = write_config(&name, mode, &ifaces, &redis.url())?;
     let web_only = write_config_with(&name, mode, &ifaces, &redis.url(), &BOTH[..1])?;
-    let start = |config: &Path| -> Result<headroom::daemon::DaemonHandle> {
-        let config = headroom::config::Config::load(config)?;
-        let _inside = topo.balancer_ns().enter_thread()?;
-        InProcess::start(config, opts.clone())
-    };
-    let wait = |d: &headroom::daemon::DaemonHandle,
-                what: &str,
-                cond: &dyn Fn(&headroom::daemon::Status) -> bool|
-     -> Result<headroom::daemon::Status> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let st = d.status();
-            if cond(&st) {
-                return Ok(st);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "no {what} within {WAIT:?}: {st:?}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    };
     let web_ids = |st: &headroom::daemon::Status| -> Vec<(SocketAddr, Option<u32>)> {
         let mut v: Vec<_> = st
             .services
@@ -347,9 +325,9 @@ fn restart_with_redis_down() -> Result<()> {
     let before = thread::scope(|s| -> Result<Vec<(SocketAddr, Option<u32>)>> {
         let reporter = s.spawn(|| report_loop(lb_ns, &url, mode, &loads, &stop));
         let result = (|| {
-            let d = start(both.path())?;
+            let d = start_in_process(&topo, both.path(), &opts)?;
             let want = formula_weight(LOADS_BEFORE[0]);
-            let st = wait(&d, "tables from the scoreboard", &|st| {
+            let st = wait_status(&d, "tables from the scoreboard", &|st| {
                 st.services
                     .iter()
                     .all(|s| s.generation >= 1 && s.table.iter().any(|b| b.weight == want))
@@ -366,8 +344,8 @@ fn restart_with_redis_down() -> Result<()> {
     ensure!(before.len() == BACKENDS, "web table before: {before:?}");
 
     redis.kill()?;
-    let d = start(web_only.path())?;
-    let st = wait(&d, "failed reads", &|st| {
+    let d = start_in_process(&topo, web_only.path(), &opts)?;
+    let st = wait_status(&d, "failed reads", &|st| {
         st.reads_failed >= 2 && matches!(st.redis, RedisState::Down { .. })
     })?;
     let web = st
@@ -423,7 +401,7 @@ fn root_lb_restart_gives_a_draining_backend_back_to_its_own_service() {
 /// re-balance (reset) the drained instance's connections: the id waits for
 /// `stream` to claim it, and stays `ACTIVE | DRAINING`.
 fn draining_backend_keeps_its_owner() -> Result<()> {
-    use headroom::daemon::{Daemon as InProcess, DaemonHandle, RunOptions, Status};
+    use headroom::daemon::{RunOptions, Status};
     use lb_common::BACKEND_DRAINING;
     let mode = Mode::Nat;
     let topo = Topology::new_for_daemon(mode, BACKENDS).context("building the topology")?;
@@ -438,25 +416,6 @@ fn draining_backend_keeps_its_owner() -> Result<()> {
     };
     let name = format!("owners-{}", std::process::id());
     let config = write_config(&name, mode, &topo.balancer_interfaces(), &redis.url())?;
-    let start = || -> Result<DaemonHandle> {
-        let config = headroom::config::Config::load(config.path())?;
-        let _inside = topo.balancer_ns().enter_thread()?;
-        InProcess::start(config, opts.clone())
-    };
-    let wait = |d: &DaemonHandle, what: &str, cond: &dyn Fn(&Status) -> bool| -> Result<Status> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let st = d.status();
-            if cond(&st) {
-                return Ok(st);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "no {what} within {WAIT:?}: {st:?}"
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-    };
     let drained = instance(mode, 2, stream_port(mode));
     let drained_id = |st: &Status| -> Option<u32> {
         st.services
@@ -482,8 +441,8 @@ fn draining_backend_keeps_its_owner() -> Result<()> {
     thread::scope(|s| -> Result<()> {
         let reporter = s.spawn(|| report_loop(lb_ns, &url, mode, &loads, &stop));
         let result = (|| -> Result<()> {
-            let d = start()?;
-            wait(&d, "tables from the scoreboard", &|st| {
+            let d = start_in_process(&topo, config.path(), &opts)?;
+            wait_status(&d, "tables from the scoreboard", &|st| {
                 st.services
                     .iter()
                     .all(|s| s.generation >= 1 && s.table.len() == BACKENDS)
@@ -496,13 +455,13 @@ fn draining_backend_keeps_its_owner() -> Result<()> {
                     .arg(&drained)
                     .query::<()>(&mut c)?;
             }
-            let st = wait(&d, "the drain mark applied", &|st| drained_id(st).is_some())?;
+            let st = wait_status(&d, "the drain mark applied", &|st| drained_id(st).is_some())?;
             let id = drained_id(&st).context("drained id")?;
             d.shutdown()?;
 
-            let d = start()?;
+            let d = start_in_process(&topo, config.path(), &opts)?;
             let first = d.status().refreshes;
-            let st = wait(&d, "a few refreshes after the restart", &|st| {
+            let st = wait_status(&d, "a few refreshes after the restart", &|st| {
                 st.refreshes >= first + 5 && st.reads_ok >= 5
             })?;
             ensure!(
@@ -531,6 +490,37 @@ fn draining_backend_keeps_its_owner() -> Result<()> {
             .map_err(|_| anyhow!("the reporter panicked"))?;
         result.and(rep)
     })
+}
+
+/// The in-process daemon on `config`, started in the balancer namespace.
+fn start_in_process(
+    topo: &Topology,
+    config: &Path,
+    opts: &headroom::daemon::RunOptions,
+) -> Result<headroom::daemon::DaemonHandle> {
+    let config = headroom::config::Config::load(config)?;
+    let _inside = topo.balancer_ns().enter_thread()?;
+    headroom::daemon::Daemon::start(config, opts.clone())
+}
+
+/// Waits (bounded by [`WAIT`]) until the daemon's status meets `cond`.
+fn wait_status(
+    d: &headroom::daemon::DaemonHandle,
+    what: &str,
+    cond: &dyn Fn(&headroom::daemon::Status) -> bool,
+) -> Result<headroom::daemon::Status> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let st = d.status();
+        if cond(&st) {
+            return Ok(st);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no {what} within {WAIT:?}: {st:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
 }
 
 // ---------------------------------------------------------------- the binary and its namespace
