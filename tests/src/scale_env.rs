@@ -8,6 +8,7 @@
 //!                     redis-server 127.0.0.1:P                         headroom agent :7070
 //!                     (also on 10.98.0.1:P, on lo)                     instances (scale-instance)
 //!                     headroom container-manager                         started by the agent
+//!                     headroom machine-manager (10.98.0.1:7400)
 //! ```
 //!
 //! The namespaces and links are [`Topology::new_for_daemon`]'s (nat mode;
@@ -15,22 +16,45 @@
 //! own link to the balancer). In the balancer namespace run a private
 //! [`RedisServer`], the `headroom lb run` daemon (scoreboard mode, XDP on
 //! the balancer's veths, metrics and status on 127.0.0.1:9470 of that
-//! namespace) and the `headroom container-manager` process with one
-//! `--agent NODE=http://10.91.<i>.2:7070` per node. Each node namespace runs
-//! a `headroom agent` process. Redis listens only on the balancer's
-//! loopback and on 10.98.0.1 (an address on the balancer's `lo`, reached
-//! through each node's default route), where the nodes' processes find the
-//! scoreboard and the permission DB.
+//! namespace) and the `headroom container-manager` process. Each node
+//! namespace runs a `headroom agent` process. Redis listens only on the
+//! balancer's loopback and on 10.98.0.1 (an address on the balancer's `lo`,
+//! reached through each node's default route), where the nodes' processes
+//! find the scoreboard and the permission DB.
+//!
+//! Where new instances go ([`Options::placement`]):
+//! - [`Placement::MachineManager`]: a `headroom machine-manager` process in
+//!   the balancer namespace, listening on 10.98.0.1:7400, with the nodes as
+//!   static nodes of one type (their addresses, a cost limit that allows
+//!   them); the agents send it signed node reports every
+//!   [`Options::node_report_interval`] (`--machine-manager`), and the
+//!   container-manager asks it for every placement
+//!   (`--machine-manager http://10.98.0.1:7400 --agent-port 7070`). Start
+//!   returns once the machine-manager leads and has a report from every
+//!   node newer than the agents' start.
+//! - [`Placement::Static`]: the container-manager gets one
+//!   `--agent NODE=http://10.91.<i>.2:7070` per node and spreads instances
+//!   over them itself.
+//!
+//! The nodes are namespaces of one machine and read the same `/proc`, so
+//! each reports the whole machine's cpu and memory use (other work on it
+//! included). The node type is therefore declared far larger than the
+//! machine ([`MM_NODE_CPU`], [`MM_NODE_RAM_MIB`]): the measured share
+//! (`cpu_pct` × 64 cores) leaves room for a 0.1-core instance unless the
+//! machine was busy for 99.8 % of a report interval. The placement still
+//! runs on the reports.
 //!
 //! Keys are made with `headroom keys` (principal `container-manager` with
-//! its grant on service `agent`; `node-<n>` per node, passed to the agents
-//! as their signing key), the service with `headroom services register`.
+//! its grants on service `agent` and, with a machine-manager, on service
+//! `machine-manager`; `node-<n>` per node, passed to the agents as their
+//! signing key for the node reports), the service with
+//! `headroom services register`.
 //! Its start template runs `scale-instance` ([`Options::instance_bin`]): a
 //! TCP server answering each line with its instance id, listening on the lb
 //! port the manager chose, reporting the load in a file the caller controls
 //! ([`ScaleEnv::set_load`]) to the scoreboard itself.
 //!
-//! Everything is torn down on drop, also on panic: the manager, agents and
+//! Everything is torn down on drop, also on panic: the managers, agents and
 //! daemon are killed, Redis stops, the namespaces are deleted with every
 //! process left in them (the instances), the work directory is removed.
 pub mod conn;
@@ -59,7 +83,7 @@ use crate::{
     Netns, RedisServer,
 };
 pub use conn::LineConn;
-pub use records::{AgentInstance, CmDecision, CmInstance, SbEntries};
+pub use records::{AgentInstance, CmDecision, CmInstance, MmNode, SbEntries};
 
 /// The scaled service (registry name, scoreboard service and daemon service).
 pub const SERVICE: &str = "web";
@@ -74,6 +98,33 @@ pub const ADMIN: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9470);
 pub const PORTS: (u16, u16) = (9000, 9009);
 /// Bound on waiting for a process to come up.
 const START_WAIT: Duration = Duration::from_secs(30);
+/// Where the machine-manager listens (on the balancer's loopback, like
+/// the nodes' Redis address).
+pub const MM_ADDR: SocketAddrV4 = SocketAddrV4::new(REDIS_NODE_ADDR, 7400);
+/// The machine-manager's Redis key prefix (its default).
+pub const MM_PREFIX: &str = "headroom:mm";
+/// Declared cores of a node (see the module docs: far above the machine).
+pub const MM_NODE_CPU: f64 = 64.0;
+/// Declared memory of a node, MiB (far above the machine's).
+pub const MM_NODE_RAM_MIB: u64 = 256 * 1024;
+
+/// Where the container-manager puts new instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// A static `--agent` list; the manager spreads instances itself.
+    Static,
+    /// A real machine-manager process places them (`--machine-manager`).
+    MachineManager,
+}
+
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Placement::Static => "static --agent list",
+            Placement::MachineManager => "machine-manager",
+        })
+    }
+}
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -107,6 +158,10 @@ pub struct Options {
     pub report_ms: u64,
     /// The load every instance reports at first.
     pub initial_load: f64,
+    /// Where new instances go.
+    pub placement: Placement,
+    /// Agent `--interval` of the node reports (machine-manager mode).
+    pub node_report_interval: Duration,
     /// The `headroom` binary ([`crate::bins::headroom_bin`]).
     pub headroom_bin: PathBuf,
     /// The `scale-instance` binary.
@@ -114,8 +169,9 @@ pub struct Options {
 }
 
 impl Options {
-    /// Test-speed knobs (intervals of 100–200 ms, a 1 s window) for the
-    /// given binaries; adjust the rest per caller.
+    /// Test-speed knobs (intervals of 100–200 ms, a 1 s window, node
+    /// reports every 500 ms) for the given binaries, placement by a
+    /// machine-manager; adjust the rest per caller.
     pub fn new(headroom_bin: PathBuf, instance_bin: PathBuf) -> Options {
         Options {
             nodes: 2,
@@ -131,6 +187,8 @@ impl Options {
             ttl: Duration::from_secs(2),
             report_ms: 100,
             initial_load: 5.0,
+            placement: Placement::MachineManager,
+            node_report_interval: Duration::from_millis(500),
             headroom_bin,
             instance_bin,
         }
@@ -139,12 +197,13 @@ impl Options {
 
 /// The running environment. See the module docs.
 ///
-/// Field order is drop order: manager, agents and daemon die first, then
+/// Field order is drop order: managers, agents and daemon die first, then
 /// Redis, then the namespaces (with the instances in them),
 /// then the work directory.
 pub struct ScaleEnv {
     cm: ChildGuard,
     agents: Vec<ChildGuard>,
+    mm: Option<ChildGuard>,
     daemon: ChildGuard,
     conn: Mutex<redis::Connection>,
     redis: RedisServer,
@@ -156,7 +215,8 @@ pub struct ScaleEnv {
 
 impl ScaleEnv {
     /// Builds and starts everything; returns once the daemon runs, every
-    /// agent is ready and the manager has started.
+    /// agent is ready, the machine-manager (if any) leads and has a fresh
+    /// report from every node, and the container-manager has started.
     pub fn start(opts: Options) -> Result<ScaleEnv> {
         ensure!(
             (1..=8).contains(&opts.nodes),
@@ -175,7 +235,7 @@ impl ScaleEnv {
             RedisServer::start_also_on(&[REDIS_NODE_ADDR.into()])?
         };
         let node_redis = format!("redis://{REDIS_NODE_ADDR}:{}", redis.port());
-        let conn = {
+        let mut conn = {
             let _inside = lb.enter_thread()?;
             let c = redis::Client::open(redis.url())?
                 .get_connection_with_timeout(Duration::from_secs(2))
@@ -210,6 +270,43 @@ impl ScaleEnv {
             "/v1/instances",
         ])
         .context("granting the container-manager")?;
+        let mm_mode = opts.placement == Placement::MachineManager;
+        if mm_mode {
+            lb.exec(&[
+                &bin,
+                "keys",
+                "--redis",
+                &url,
+                "grant",
+                "--principal",
+                "container-manager",
+                "--service",
+                "machine-manager",
+                "--method",
+                "GET",
+                "--method",
+                "POST",
+                "--method",
+                "DELETE",
+                "--prefix",
+                "/v1/placements",
+                "--prefix",
+                "/v1/nodes",
+            ])
+            .context("granting the container-manager on the machine-manager")?;
+        }
+        // The nodes' keys (their node reports are signed as `node-<n>`),
+        // made before the machine-manager starts so its first key snapshot
+        // holds them.
+        let mut node_keys = Vec::new();
+        for i in 0..opts.nodes {
+            node_keys.push(create_key(
+                lb,
+                &bin,
+                &url,
+                &format!("node-{}", node_name(i)),
+            )?);
+        }
 
         // The service.
         std::fs::write(dir.load_file(), format!("{}\n", opts.initial_load))?;
@@ -255,14 +352,38 @@ impl ScaleEnv {
         )?;
         wait_log(&mut daemon, &daemon_log, "running", "the lb daemon")?;
 
+        // The machine-manager.
+        let mm_url = format!("http://{MM_ADDR}");
+        let mut mm = None;
+        if mm_mode {
+            let path = dir.path().join("mm.toml");
+            std::fs::write(&path, mm_toml(&opts, &url))?;
+            let log = dir.path().join("mm.log");
+            let mut child = spawn_logged(
+                lb,
+                &[&bin, "machine-manager", "--config", &path.to_string_lossy()],
+                &[],
+                &log,
+            )?;
+            wait_log(
+                &mut child,
+                &log,
+                "machine-manager listening",
+                "the machine-manager",
+            )?;
+            wait_leader(lb, &mut child).context("the machine-manager")?;
+            mm = Some(child);
+        }
+
         // The agents, one per node namespace.
+        let agents_from = now_ms();
         let mut agents = Vec::new();
-        for i in 0..opts.nodes {
+        for (i, key) in node_keys.iter().enumerate() {
             let node = node_name(i);
-            let key = create_key(lb, &bin, &url, &format!("node-{node}"))?;
             let listen = SocketAddr::new(IpAddr::V4(backend_addr(i)), AGENT_PORT).to_string();
             let state = dir.path().join(format!("agent-{node}"));
-            let argv = [
+            let interval = ms(opts.node_report_interval);
+            let mut argv = vec![
                 bin.as_str(),
                 "agent",
                 "--node",
@@ -272,8 +393,11 @@ impl ScaleEnv {
                 "--redis",
                 &node_redis,
                 "--state-dir",
-                &state.to_string_lossy(),
+                state.to_str().context("non-UTF-8 work directory")?,
             ];
+            if mm_mode {
+                argv.extend(["--machine-manager", &mm_url, "--interval", &interval]);
+            }
             let env = [
                 ("HEADROOM_AGENT_ACCESS_KEY_ID", key.0.as_str()),
                 ("HEADROOM_AGENT_SECRET", key.1.as_str()),
@@ -284,6 +408,9 @@ impl ScaleEnv {
         for (i, agent) in agents.iter_mut().enumerate() {
             let addr = SocketAddr::new(IpAddr::V4(backend_addr(i)), AGENT_PORT);
             wait_ready(lb, addr, agent).with_context(|| format!("agent of {}", node_name(i)))?;
+        }
+        if let Some(child) = mm.as_mut() {
+            wait_reports(&mut conn, opts.nodes, agents_from, child, &mut agents)?;
         }
 
         // The container-manager.
@@ -305,13 +432,22 @@ impl ScaleEnv {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        for i in 0..opts.nodes {
-            argv.push("--agent".into());
-            argv.push(format!(
-                "{}=http://{}:{AGENT_PORT}",
-                node_name(i),
-                backend_addr(i)
-            ));
+        if mm_mode {
+            argv.extend([
+                "--machine-manager".into(),
+                mm_url.clone(),
+                "--agent-port".into(),
+                AGENT_PORT.to_string(),
+            ]);
+        } else {
+            for i in 0..opts.nodes {
+                argv.push("--agent".into());
+                argv.push(format!(
+                    "{}=http://{}:{AGENT_PORT}",
+                    node_name(i),
+                    backend_addr(i)
+                ));
+            }
         }
         let mut full = vec![bin.as_str()];
         full.extend(argv.iter().map(String::as_str));
@@ -326,6 +462,7 @@ impl ScaleEnv {
         Ok(ScaleEnv {
             cm,
             agents,
+            mm,
             daemon,
             conn: Mutex::new(conn),
             redis,
@@ -440,6 +577,23 @@ impl ScaleEnv {
         std::fs::read_to_string(self.dir.path().join("lb.log")).unwrap_or_default()
     }
 
+    /// The container-manager's log so far.
+    pub fn cm_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cm.log")).unwrap_or_default()
+    }
+
+    /// Node `node` in the machine-manager's registry (none if it has no
+    /// record, e.g. in static mode).
+    pub fn mm_node(&self, node: &str) -> Result<Option<MmNode>> {
+        records::mm_node(&mut self.conn(), MM_PREFIX, node)
+    }
+
+    /// The placements the machine-manager holds on `node`: id → when it
+    /// made each (Unix ms).
+    pub fn mm_placements(&self, node: &str) -> Result<std::collections::HashMap<String, i64>> {
+        records::mm_placements(&mut self.conn(), MM_PREFIX, node)
+    }
+
     /// True while the daemon, every agent and the manager run.
     pub fn check_alive(&mut self) -> Result<()> {
         let what = [
@@ -449,6 +603,11 @@ impl ScaleEnv {
         for (name, c) in what {
             if let Some(s) = c.try_wait()? {
                 bail!("{name} exited ({s})");
+            }
+        }
+        if let Some(mm) = self.mm.as_mut() {
+            if let Some(s) = mm.try_wait()? {
+                bail!("machine-manager exited ({s})");
             }
         }
         for (i, a) in self.agents.iter_mut().enumerate() {
@@ -467,6 +626,9 @@ impl ScaleEnv {
             self.dir.path().join("lb.log"),
             self.dir.path().join("cm.log"),
         ];
+        if self.mm.is_some() {
+            files.push(self.dir.path().join("mm.log"));
+        }
         for i in 0..self.opts.nodes {
             let node = node_name(i);
             files.push(self.dir.path().join(format!("agent-{node}.log")));
@@ -535,6 +697,115 @@ argv = ["{inst}", "--id", "{{instance_id}}", "--port", "{{port}}", "--redis", "{
         pmax = PORTS.1,
         report = o.report_ms,
     )
+}
+
+/// The machine-manager's config: every node a static node of one type
+/// (declared far larger than the machine, see the module docs), at its
+/// address, within the count and cost limits.
+fn mm_toml(o: &Options, redis_url: &str) -> String {
+    let mut s = format!(
+        r#"id = "mm-scale-env"
+listen = "{MM_ADDR}"
+redis = "{redis_url}"
+key_prefix = "{MM_PREFIX}"
+monthly_cost_limit = 100.0
+report_stale_ms = {stale}
+lease_ttl_ms = 3000
+tick_ms = 200
+
+[[node_type]]
+name = "nsnode"
+cpu = {MM_NODE_CPU:?}
+ram_mib = {MM_NODE_RAM_MIB}
+disk_gib = 10
+disk_kind = "ssd"
+cost_per_hour = 0.01
+# Static nodes only: nothing is ever started or stopped.
+start = ["/bin/false"]
+stop = ["/bin/false"]
+max_count = {n}
+"#,
+        stale = (o.node_report_interval * 10).as_millis().max(2000),
+        n = o.nodes,
+    );
+    for i in 0..o.nodes {
+        s.push_str(&format!(
+            "\n[[static_node]]\nname = \"{}\"\ntype = \"nsnode\"\naddress = \"{}\"\n",
+            node_name(i),
+            backend_addr(i)
+        ));
+    }
+    s
+}
+
+/// Waits until the machine-manager at [`MM_ADDR`] says it leads
+/// (`GET /v1/leader`, asked from `ns`): before that it refuses placements.
+fn wait_leader(ns: &Netns, child: &mut ChildGuard) -> Result<()> {
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        let got = {
+            let _inside = ns.enter_thread()?;
+            http_get(MM_ADDR.into(), "/v1/leader")
+        };
+        let leads = match &got {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("leader").and_then(serde_json::Value::as_bool))
+                .unwrap_or(false),
+            _ => false,
+        };
+        if leads {
+            return Ok(());
+        }
+        if let Some(s) = child.try_wait()? {
+            bail!("exited ({s})");
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "not leading within {START_WAIT:?}: {got:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until the machine-manager's registry has every node `ready` with
+/// a report received after `since_ms` (so placements can use them).
+fn wait_reports(
+    conn: &mut redis::Connection,
+    nodes: usize,
+    since_ms: i64,
+    mm: &mut ChildGuard,
+    agents: &mut [ChildGuard],
+) -> Result<()> {
+    let deadline = Instant::now() + START_WAIT;
+    loop {
+        let mut missing = Vec::new();
+        for i in 0..nodes {
+            let n = records::mm_node(conn, MM_PREFIX, &node_name(i))?;
+            let fresh = n.as_ref().is_some_and(|n| {
+                n.state == "ready" && n.last_report_ms.is_some_and(|t| t >= since_ms)
+            });
+            if !fresh {
+                missing.push((node_name(i), n));
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if let Some(s) = mm.try_wait()? {
+            bail!("the machine-manager exited ({s})");
+        }
+        for (i, a) in agents.iter_mut().enumerate() {
+            if let Some(s) = a.try_wait()? {
+                bail!("the agent of {} exited ({s})", node_name(i));
+            }
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the machine-manager has no fresh report within {START_WAIT:?} from: {missing:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// `headroom keys create --principal P`: (access key id, secret).
@@ -688,5 +959,30 @@ mod tests {
         assert_eq!((s.name.as_str(), s.min, s.max), (SERVICE, 1, 2));
         assert_eq!((s.warm_up_secs, s.cool_down_secs), (1, 8));
         assert!(s.load_balanced);
+    }
+
+    #[test]
+    fn the_machine_manager_config_is_valid_with_every_node_static() {
+        let mut o = Options::new("/bin/headroom".into(), "/bin/scale-instance".into());
+        o.nodes = 3;
+        let cfg = headroom_control::machine_manager::config::MachineManagerConfig::parse(&mm_toml(
+            &o,
+            "redis://127.0.0.1:6379",
+        ))
+        .expect("the machine-manager accepts the config");
+        let nodes: Vec<(String, String)> = cfg
+            .static_nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.address.to_string()))
+            .collect();
+        assert_eq!(
+            nodes,
+            (0..3)
+                .map(|i| (node_name(i), backend_addr(i).to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(cfg.listen, SocketAddr::from(MM_ADDR));
+        assert_eq!(cfg.node_types.len(), 1);
+        assert_eq!(cfg.node_types[0].max_count, 3);
     }
 }

@@ -1,5 +1,14 @@
 //! Scale-in with the balancer in a network namespace (issue 5): no
 //! connection to the instance being removed is reset during its cool-down.
+//! And the same loop with placement by a real machine-manager: every
+//! instance runs where it placed it, and its place is given back when the
+//! instance is stopped
+//! ([`root_machine_manager_places_and_releases_instances`]).
+//!
+//! The scale-in test runs with a static `--agent` list
+//! ([`Placement::Static`]): it needs the two instances on different nodes,
+//! which the container-manager's spreading guarantees, while the
+//! machine-manager's best fit may pack both on one node.
 //!
 //! Everything is real (`headroom_tests::scale_env`): a private
 //! redis-server, `headroom lb run` with XDP on the balancer namespace's
@@ -55,7 +64,7 @@ use anyhow::{bail, ensure, Context, Result};
 use headroom_tests::{
     bins::headroom_bin,
     require_root,
-    scale_env::{now_ms, LineConn, Options, ScaleEnv, SERVICE},
+    scale_env::{node_name, now_ms, LineConn, Options, Placement, ScaleEnv, SERVICE},
 };
 use lb_common::counter;
 
@@ -82,10 +91,145 @@ fn root_scale_in_keeps_connections_to_the_draining_instance() {
     );
     opts.cool_down_secs = COOL_DOWN_SECS;
     opts.stop_grace_secs = 2;
+    opts.placement = Placement::Static;
     let mut env = ScaleEnv::start(opts).expect("starting the scale environment");
     if let Err(e) = scale_in(&mut env) {
         panic!("{e:#}\n\n{}", env.logs());
     }
+}
+
+#[test]
+fn root_machine_manager_places_and_releases_instances() {
+    if !require_root("root_machine_manager_places_and_releases_instances") {
+        return;
+    }
+    let mut opts = Options::new(
+        headroom_bin().expect("the headroom binary"),
+        PathBuf::from(env!("CARGO_BIN_EXE_scale-instance")),
+    );
+    opts.placement = Placement::MachineManager;
+    let mut env = ScaleEnv::start(opts).expect("starting the scale environment");
+    if let Err(e) = mm_placement(&mut env) {
+        panic!("{e:#}\n\n{}", env.logs());
+    }
+}
+
+/// Every placement the machine-manager holds, as (node, id), sorted.
+fn held(env: &ScaleEnv) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for i in 0..env.options().nodes {
+        let node = node_name(i);
+        for id in env.mm_placements(&node)?.into_keys() {
+            out.push((node.clone(), id));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The instance records' (node, placement id), sorted; fails on a record
+/// without a placement id.
+fn recorded(env: &ScaleEnv) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for r in env.cm_instances()? {
+        let p = r
+            .placement
+            .with_context(|| format!("record of {} has no placement id", r.id))?;
+        out.push((r.node, p));
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Up to min, up to 2 under load, down to 1: at each step the placements
+/// the machine-manager holds are exactly the records' (node, placement),
+/// every instance runs on its placed node's agent, and the table follows.
+fn mm_placement(env: &mut ScaleEnv) -> Result<()> {
+    let t0 = Instant::now();
+    for i in 0..env.options().nodes {
+        let n = env.mm_node(&node_name(i))?.with_context(|| {
+            format!("{} is not in the machine-manager's registry", node_name(i))
+        })?;
+        ensure!(n.state == "ready", "{}: {n:?}", node_name(i));
+    }
+    let check = |env: &ScaleEnv, count: usize| -> Result<Vec<String>> {
+        let recs = recorded(env)?;
+        let held = held(env)?;
+        ensure!(recs.len() == count, "records {recs:?}, want {count}");
+        ensure!(
+            recs == held,
+            "records' placements {recs:?} != held by the machine-manager {held:?}"
+        );
+        let agents = env.agent_instances()?;
+        let mut ids = Vec::new();
+        for r in env.cm_instances()? {
+            let on = agents
+                .iter()
+                .find(|(_, a)| a.id == r.id && a.state == "running")
+                .map(|(n, _)| n.clone());
+            ensure!(
+                on.as_deref() == Some(r.node.as_str()),
+                "{} placed on {} but runs on {on:?}",
+                r.id,
+                r.node
+            );
+            ids.push(r.id);
+        }
+        ids.sort();
+        Ok(ids)
+    };
+    let first = wait_until(env, "the first instance in the table", |env| {
+        let table = table_ids(env)?;
+        Ok((table.len() == 1).then(|| table[0].clone()))
+    })?;
+    ensure!(check(env, 1)? == [first.clone()], "first instance {first}");
+    eprintln!(
+        "{:.1?}: first instance {first}: {:?}",
+        t0.elapsed(),
+        held(env)?
+    );
+
+    env.set_load(90.0)?;
+    let mut both = wait_until(env, "two instances in the table", |env| {
+        let table = table_ids(env)?;
+        Ok((table.len() == 2).then_some(table))
+    })?;
+    both.sort();
+    ensure!(check(env, 2)? == both, "table {both:?}");
+    eprintln!("{:.1?}: both placed: {:?}", t0.elapsed(), held(env)?);
+
+    env.set_load(5.0)?;
+    let last = wait_until(env, "the scale-in to one instance", |env| {
+        let recs = env.cm_instances()?;
+        let table = table_ids(env)?;
+        Ok(
+            (recs.len() == 1 && table.len() == 1 && recs[0].id == table[0])
+                .then(|| table[0].clone()),
+        )
+    })?;
+    // The release follows the stop in the same round: allow it a moment.
+    wait_until(env, "the stopped instance's placement released", |env| {
+        Ok((held(env)?.len() == 1).then_some(()))
+    })?;
+    ensure!(check(env, 1)? == [last.clone()], "remaining {last}");
+    eprintln!("{:.1?}: back to {last}: {:?}", t0.elapsed(), held(env)?);
+
+    let actions: Vec<(String, u64)> = env
+        .decisions()?
+        .into_iter()
+        .filter(|d| d.action != "hold")
+        .map(|d| (d.action, d.to))
+        .collect();
+    ensure!(
+        actions
+            == [
+                ("up".to_string(), 1),
+                ("up".to_string(), 2),
+                ("down".to_string(), 1)
+            ],
+        "decisions: {actions:?}"
+    );
+    Ok(())
 }
 
 fn scale_in(env: &mut ScaleEnv) -> Result<()> {

@@ -8,7 +8,11 @@
 //! in the balancer namespace, two node namespaces each running
 //! `headroom agent`, `headroom container-manager`, instances
 //! (`scale-instance`) reporting the load the benchmark writes to a file.
-//! Service: min 1, max 2, warm-up 1 s, cool-down 1 s.
+//! Service: min 1, max 2, warm-up 1 s, cool-down 1 s. `--placement mm`
+//! (default): a `headroom machine-manager` process places every instance
+//! from its node registry and the agents' node reports
+//! (`container-manager --machine-manager`); `--placement static`: the
+//! container-manager picks from its `--agent` list itself.
 //!
 //! Each run starts from one instance at load 5 whose window is covered
 //! (the manager has recorded "within the band"), then at `t0` the load
@@ -18,12 +22,17 @@
 //! | phase | from → to | source |
 //! |---|---|---|
 //! | detect | t0 → the manager's `up` decision | `ts_ms` in `headroom:cm:decisions` |
-//! | place | decision → intent recorded (node chosen) | `created_ms` of the instance record |
-//! | start | intent → the agent started the process | `started_ms` in the agent's mirror |
+//! | place | decision → node chosen | mm: the manager's `placed by the machine-manager` log line (its placement id); static: `created_ms` of the instance record |
+//! | start | → the agent started the process (intent write + signed start call) | `started_ms` in the agent's mirror |
 //! | warm-up | started → the instance accepts connections | the instance's `listening at_ms` |
 //! | first report | → its first load report in the scoreboard | the instance's `first report seen_ms` |
 //! | in table | → the daemon publishes a table with it | the daemon's `published table` log line |
 //! | first traffic | → a new connection through the VIP is answered by it | the client |
+//!
+//! The intent's `created_ms` is stamped before the placement call, so in
+//! mm mode it cannot end *place*. Also printed in mm mode, not part of the
+//! sum: decision → the machine-manager recorded the placement (`at_ms` in
+//! `headroom:mm:placements:{node}`).
 //!
 //! Then the load drops back to 5, the manager drains and stops the new (or
 //! the old) instance, and the next run waits for the steady state again.
@@ -36,12 +45,21 @@ use std::{
 };
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use headroom_control::agent::parse_duration;
 use headroom_tests::{
     is_root,
-    scale_env::{now_ms, Options, ScaleEnv},
+    scale_env::{now_ms, Options, Placement, ScaleEnv},
 };
+
+/// `--placement`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PlacementArg {
+    /// A `headroom machine-manager` process places each instance.
+    Mm,
+    /// The container-manager's static `--agent` list.
+    Static,
+}
 
 /// Command line.
 #[derive(Debug, Parser)]
@@ -62,6 +80,9 @@ struct Args {
     /// How often each instance reports its load, ms.
     #[arg(long, default_value_t = 100)]
     report_ms: u64,
+    /// Who chooses the node of a new instance.
+    #[arg(long, value_enum, default_value_t = PlacementArg::Mm)]
+    placement: PlacementArg,
     /// Time between the client's new connections while waiting, ms.
     #[arg(long, default_value_t = 10)]
     probe_ms: u64,
@@ -106,21 +127,39 @@ fn main() -> Result<()> {
     opts.refresh = args.refresh;
     opts.report_ms = args.report_ms;
     opts.initial_load = LOW;
+    opts.placement = match args.placement {
+        PlacementArg::Mm => Placement::MachineManager,
+        PlacementArg::Static => Placement::Static,
+    };
     let deadline = Instant::now() + Duration::from_secs(args.max_secs);
     let mut env = ScaleEnv::start(opts).context("starting the scale environment")?;
     println!(
-        "bench-scale: {} runs; container-manager --interval {:?} --window {:?}; daemon refresh {:?}; \
-         reports every {} ms; client probe every {} ms; load {LOW} → {HIGH}",
-        args.runs, args.interval, args.window, args.refresh, args.report_ms, args.probe_ms
+        "bench-scale: placement by {}; {} runs; container-manager --interval {:?} --window {:?}; \
+         daemon refresh {:?}; reports every {} ms; client probe every {} ms; load {LOW} → {HIGH}",
+        env.options().placement,
+        args.runs,
+        args.interval,
+        args.window,
+        args.refresh,
+        args.report_ms,
+        args.probe_ms
     );
     let mut rows: Vec<[i64; 7]> = Vec::new();
+    let mut mm_at: Vec<i64> = Vec::new();
     for run in 1..=args.runs {
-        let row = one_run(&mut env, &args, deadline)
+        let Run {
+            phases: row,
+            mm_at: at,
+            nodes,
+        } = one_run(&mut env, &args, deadline)
             .with_context(|| format!("run {run}"))
             .map_err(|e| anyhow::anyhow!("{e:#}\n\n{}", env.logs()))?;
         let total: i64 = row.iter().sum();
+        let at_text = at.map_or(String::new(), |a| {
+            format!(" (mm recorded the placement at +{a})")
+        });
         println!(
-            "run {run:>2}: {} | total {total} ms",
+            "run {run:>2}: {}{at_text} | total {total} ms | {nodes}",
             PHASES
                 .iter()
                 .zip(row)
@@ -129,13 +168,16 @@ fn main() -> Result<()> {
                 .join(", ")
         );
         rows.push(row);
+        mm_at.extend(at);
     }
-    print_summary(&rows);
+    print_summary(&rows, &mm_at);
     Ok(())
 }
 
-/// One scale-up from the steady state, then back to it.
-fn one_run(env: &mut ScaleEnv, args: &Args, deadline: Instant) -> Result<[i64; 7]> {
+/// One scale-up from the steady state, then back to it: the phases, and
+/// in mm mode when (after the decision) the machine-manager recorded the
+/// placement.
+fn one_run(env: &mut ScaleEnv, args: &Args, deadline: Instant) -> Result<Run> {
     let old = steady(env, deadline)?;
     let t0 = now_ms();
     env.set_load(HIGH)?;
@@ -162,8 +204,12 @@ fn one_run(env: &mut ScaleEnv, args: &Args, deadline: Instant) -> Result<[i64; 7
         .into_iter()
         .find(|d| d.action == "up" && d.ts_ms >= t0)
         .context("no up decision after t0")?;
-    let rec = env
-        .cm_instances()?
+    let recs = env.cm_instances()?;
+    let old_node = recs
+        .iter()
+        .find(|r| r.id == old)
+        .map_or("?".to_string(), |r| r.node.clone());
+    let rec = recs
         .into_iter()
         .find(|r| r.id == new)
         .with_context(|| format!("no record of {new}"))?;
@@ -176,17 +222,46 @@ fn one_run(env: &mut ScaleEnv, args: &Args, deadline: Instant) -> Result<[i64; 7
     let listening = log_value(&log, "listening at_ms=")?;
     let first_report = log_value(&log, "first report seen_ms=")?;
     let published = published_at(&env.daemon_log(), &new)?;
+    let (placed, mm_at) = match env.options().placement {
+        Placement::Static => (rec.created_ms, None),
+        Placement::MachineManager => {
+            let id = rec
+                .placement
+                .as_deref()
+                .with_context(|| format!("no placement id in the record of {new}"))?;
+            let at = env
+                .mm_placements(&rec.node)?
+                .get(id)
+                .copied()
+                .with_context(|| format!("the machine-manager holds no placement {id}"))?;
+            (placed_at(&env.cm_log(), id)?, Some(at - decision.ts_ms))
+        }
+    };
     // Back to the steady state for the next run.
     env.set_load(LOW)?;
-    Ok([
-        decision.ts_ms - t0,
-        rec.created_ms - decision.ts_ms,
-        agent.started_ms - rec.created_ms,
-        listening - agent.started_ms,
-        first_report - listening,
-        published - first_report,
-        answered - published,
-    ])
+    Ok(Run {
+        phases: [
+            decision.ts_ms - t0,
+            placed - decision.ts_ms,
+            agent.started_ms - placed,
+            listening - agent.started_ms,
+            first_report - listening,
+            published - first_report,
+            answered - published,
+        ],
+        mm_at,
+        nodes: format!("new on {}, old on {old_node}", rec.node),
+    })
+}
+
+/// What one run measured.
+struct Run {
+    /// The phases, ms.
+    phases: [i64; 7],
+    /// Decision → the machine-manager recorded the placement, ms (mm mode).
+    mm_at: Option<i64>,
+    /// Where the new and the old instance run.
+    nodes: String,
 }
 
 /// Waits for one running instance, in the table alone, with the manager's
@@ -246,6 +321,19 @@ fn published_at(log: &str, id: &str) -> Result<i64> {
         .with_context(|| format!("the daemon never logged a table with {id}"))
 }
 
+/// When the container-manager logged that the machine-manager answered
+/// placement `id` (Unix ms, from the log line's time).
+fn placed_at(log: &str, id: &str) -> Result<i64> {
+    let needle = format!("placement={id}");
+    log.lines()
+        .find(|l| {
+            l.contains("placed by the machine-manager") && l.split_whitespace().any(|w| w == needle)
+        })
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(rfc3339_ms)
+        .with_context(|| format!("the container-manager never logged placement {id}"))
+}
+
 /// `2026-11-28T01:15:50.832957Z` → Unix ms (UTC only, as tracing writes).
 fn rfc3339_ms(s: &str) -> Option<i64> {
     let s = s.strip_suffix('Z')?;
@@ -267,8 +355,9 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
     Some(((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + ms)
 }
 
-/// Median, p99 (nearest rank), min and max of each phase and the total.
-fn print_summary(rows: &[[i64; 7]]) {
+/// Median, p99 (nearest rank), min and max of each phase and the total
+/// (and of the machine-manager's placement time, if any).
+fn print_summary(rows: &[[i64; 7]], mm_at: &[i64]) {
     println!();
     println!(
         "{:<14} {:>8} {:>8} {:>8} {:>8}   (ms, {} runs)",
@@ -285,6 +374,9 @@ fn print_summary(rows: &[[i64; 7]]) {
         .map(|(i, p)| (*p, rows.iter().map(|r| r[i]).collect()))
         .collect();
     columns.push(("total", rows.iter().map(|r| r.iter().sum()).collect()));
+    if !mm_at.is_empty() {
+        columns.push(("(mm recorded)", mm_at.to_vec()));
+    }
     for (name, mut v) in columns {
         v.sort_unstable();
         println!(
@@ -374,5 +466,12 @@ mod tests {
         assert_eq!(median(&v), "2.5");
         assert_eq!(rank(&v, 0.99), 4);
         assert_eq!(rank(&[7], 0.5), 7);
+        let log = "2026-11-28T01:15:50.832957Z  INFO headroom_control::container_manager: \
+                   placed by the machine-manager service=web node=n1 placement=p12\n\
+                   2026-11-28T01:15:51.000000Z  INFO headroom_control::container_manager: \
+                   placed by the machine-manager service=web node=n0 placement=p1";
+        assert_eq!(placed_at(log, "p1").ok(), Some(1_795_828_551_000));
+        assert_eq!(placed_at(log, "p12").ok(), Some(1_795_828_550_832));
+        assert!(placed_at(log, "p2").is_err());
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use headroom_control::{
     agent::publish::instances_key as agent_instances_key,
     container_manager::state::{instances_key as cm_instances_key, DECISIONS_KEY},
+    machine_manager::registry::Keys as MmKeys,
     scoreboard::{addr_key, drain_key, load_key, seen_key},
 };
 use serde_json::Value;
@@ -24,6 +25,8 @@ pub struct CmInstance {
     pub created_ms: i64,
     /// When its drain began (Unix ms).
     pub drain_since_ms: Option<i64>,
+    /// The machine-manager's placement id (none with static agents).
+    pub placement: Option<String>,
 }
 
 /// One recorded decision of the container-manager.
@@ -104,6 +107,10 @@ pub fn cm_instances(c: &mut redis::Connection, service: &str) -> Result<Vec<CmIn
             phase: str_of(&v, "phase")?,
             created_ms: i64_of(&v, "created_ms")?,
             drain_since_ms: v.get("drain_since_ms").and_then(Value::as_i64),
+            placement: v
+                .get("placement")
+                .and_then(Value::as_str)
+                .map(str::to_string),
         });
     }
     out.sort_by_key(|r| r.created_ms);
@@ -186,4 +193,46 @@ pub fn drain_set(c: &mut redis::Connection, service: &str) -> Result<Vec<String>
         .arg(drain_key(service))
         .query(c)
         .context("SMEMBERS drain")
+}
+
+/// One node as the machine-manager's registry holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MmNode {
+    /// `starting`, `ready`, `stopping` or `stopped`.
+    pub state: String,
+    /// When its last accepted report arrived (Unix ms).
+    pub last_report_ms: Option<i64>,
+}
+
+/// Node `node` in the registry under `prefix` (none if unregistered).
+pub fn mm_node(c: &mut redis::Connection, prefix: &str, node: &str) -> Result<Option<MmNode>> {
+    let m: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(MmKeys::new(prefix).node(node))
+        .query(c)
+        .context("HGETALL mm node")?;
+    let Some(state) = m.get("state") else {
+        return Ok(None);
+    };
+    Ok(Some(MmNode {
+        state: state.clone(),
+        last_report_ms: m.get("last_report_ms").and_then(|v| v.parse().ok()),
+    }))
+}
+
+/// The placements the machine-manager holds on `node`: id → `at_ms`.
+pub fn mm_placements(
+    c: &mut redis::Connection,
+    prefix: &str,
+    node: &str,
+) -> Result<HashMap<String, i64>> {
+    let m: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(MmKeys::new(prefix).placements(node))
+        .query(c)
+        .context("HGETALL mm placements")?;
+    let mut out = HashMap::new();
+    for (id, json) in m {
+        let v: Value = serde_json::from_str(&json).with_context(|| format!("placement {json}"))?;
+        out.insert(id, i64_of(&v, "at_ms")?);
+    }
+    Ok(out)
 }
