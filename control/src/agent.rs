@@ -229,7 +229,7 @@ pub async fn start_agent(args: AgentArgs) -> anyhow::Result<AgentHandle> {
         logs::run(
             args.state_dir.join("logs"),
             args.max_log_bytes,
-            move || sup.list().into_iter().map(|r| r.instance_id).collect(),
+            move || sup.ids(),
             stop_rx.clone(),
         )
         .instrument(span.clone()),

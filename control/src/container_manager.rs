@@ -424,7 +424,11 @@ impl Manager {
             if old.is_empty() {
                 continue;
             }
-            let (recs, _) = state::load_instances(&mut self.conn, svc).await?;
+            let (recs, bad) = state::load_instances(&mut self.conn, svc).await?;
+            if !bad.is_empty() {
+                // An unreadable record may own one of them: release nothing.
+                continue;
+            }
             let owned: HashSet<&str> = recs.iter().filter_map(|r| r.placement.as_deref()).collect();
             for h in old.into_iter().filter(|h| !owned.contains(h.id.as_str())) {
                 if !self.leading_with(fence) {
@@ -771,7 +775,11 @@ impl Manager {
             now_ms.to_string(),
         ]);
         if let Err(e) = state::fenced(fence, &mut self.conn, &cmds).await {
-            self.release_unrecorded(svc, &planned).await;
+            // Only a refused write surely recorded nothing; after a lost
+            // reply the intents may exist (the orphan sweep checks later).
+            if matches!(e, crate::lease::LeaseError::Fenced { .. }) {
+                self.release_unrecorded(svc, &planned).await;
+            }
             return Err(e.into());
         }
         for mut p in planned {

@@ -36,43 +36,69 @@ pub struct Pass {
     pub removed: Vec<PathBuf>,
 }
 
-/// One pass over `dir`: rotates every `ID.log` larger than `max_bytes` and
-/// deletes the logs of ids not in `known` untouched for [`FORGOTTEN_AFTER`].
-pub fn pass(dir: &Path, max_bytes: u64, known: &BTreeSet<String>) -> io::Result<Pass> {
+/// What a pass could not do, per file (the other files were still done).
+pub type Failures = Vec<(PathBuf, io::Error)>;
+
+/// One pass over `dir`: rotates every `ID.log` larger than `max_bytes` and,
+/// when `known` is given, deletes the logs of ids not in it that were
+/// untouched for [`FORGOTTEN_AFTER`]. A file that fails is reported and
+/// skipped, never the whole pass.
+pub fn pass(
+    dir: &Path,
+    max_bytes: u64,
+    known: Option<&BTreeSet<String>>,
+) -> io::Result<(Pass, Failures)> {
     let mut out = Pass::default();
+    let mut failed = Vec::new();
     for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
+        let Ok(entry) = entry else { continue };
         let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let (id, rotated_copy) = match name.strip_suffix(".log.1") {
-            Some(id) => (id.to_string(), true),
-            None => match name.strip_suffix(".log") {
-                Some(id) => (id.to_string(), false),
-                None => continue,
-            },
-        };
-        let meta = entry.metadata()?;
-        if !known.contains(&id) {
-            let idle = meta.modified()?.elapsed().unwrap_or_default();
-            if idle >= FORGOTTEN_AFTER {
-                std::fs::remove_file(&path)?;
-                out.removed.push(path);
-            }
-            continue;
+        if let Err(e) = one(&entry, max_bytes, known, &mut out) {
+            failed.push((path, e));
         }
-        if rotated_copy || meta.len() <= max_bytes {
-            continue;
-        }
-        let mut copy = path.clone().into_os_string();
-        copy.push(".1");
-        std::fs::copy(&path, &copy)?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)?
-            .set_len(0)?;
-        out.rotated.push(path);
     }
-    Ok(out)
+    Ok((out, failed))
+}
+
+/// Rotates or deletes one file of the log directory, if it is due.
+fn one(
+    entry: &std::fs::DirEntry,
+    max_bytes: u64,
+    known: Option<&BTreeSet<String>>,
+    out: &mut Pass,
+) -> io::Result<()> {
+    let path = entry.path();
+    let name = entry.file_name().to_string_lossy().into_owned();
+    let (id, rotated_copy) = match name.strip_suffix(".log.1") {
+        Some(id) => (id, true),
+        None => match name.strip_suffix(".log") {
+            Some(id) => (id, false),
+            None => return Ok(()),
+        },
+    };
+    let meta = entry.metadata()?;
+    if known.is_some_and(|k| !k.contains(id)) {
+        if meta.modified()?.elapsed().unwrap_or_default() >= FORGOTTEN_AFTER {
+            std::fs::remove_file(&path)?;
+            out.removed.push(path);
+        }
+        return Ok(());
+    }
+    if rotated_copy || meta.len() <= max_bytes {
+        return Ok(());
+    }
+    let mut copy = path.clone().into_os_string();
+    copy.push(".1");
+    // The old copy goes first, and a failed copy (a full disk) still
+    // truncates: the point is to free the disk, not to keep the copy.
+    let _ = std::fs::remove_file(&copy);
+    let copied = std::fs::copy(&path, &copy);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)?
+        .set_len(0)?;
+    out.rotated.push(path);
+    copied.map(|_| ())
 }
 
 /// Runs [`pass`] every [`CHECK_EVERY`] until `stop`; `known` lists the
@@ -80,7 +106,7 @@ pub fn pass(dir: &Path, max_bytes: u64, known: &BTreeSet<String>) -> io::Result<
 pub async fn run(
     dir: PathBuf,
     max_bytes: u64,
-    known: impl Fn() -> BTreeSet<String>,
+    known: impl Fn() -> Option<BTreeSet<String>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -91,8 +117,11 @@ pub async fn run(
         if *stop.borrow() {
             return;
         }
-        match pass(&dir, max_bytes, &known()) {
-            Ok(p) => {
+        match pass(&dir, max_bytes, known().as_ref()) {
+            Ok((p, failed)) => {
+                for (f, e) in &failed {
+                    warn!(log = %f.display(), error = %e, "instance log check failed");
+                }
                 for f in &p.rotated {
                     info!(log = %f.display(), max_bytes, "instance log over its limit: rotated");
                 }
@@ -137,7 +166,8 @@ mod tests {
         std::fs::write(dir.join("instances.json"), b"{}").unwrap();
         let known: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
 
-        let p = pass(&dir, 1000, &known).unwrap();
+        let (p, failed) = pass(&dir, 1000, Some(&known)).unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
         assert_eq!(p.rotated, vec![dir.join("a.log")]);
         let mut removed = p.removed.clone();
         removed.sort();
@@ -153,7 +183,18 @@ mod tests {
         big.write_all(b"after").unwrap();
         assert_eq!(std::fs::read(dir.join("a.log")).unwrap(), b"after");
         // Under the limit now: nothing to do.
-        assert_eq!(pass(&dir, 1000, &known).unwrap(), Pass::default());
+        assert_eq!(pass(&dir, 1000, Some(&known)).unwrap().0, Pass::default());
+        // Without the instance table nothing counts as forgotten.
+        let old_log = dir.join("old.log");
+        std::fs::write(&old_log, b"x").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&old_log)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(pass(&dir, 1000, None).unwrap().0, Pass::default());
+        assert!(old_log.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

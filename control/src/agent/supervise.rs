@@ -210,6 +210,12 @@ impl Supervisor {
         v
     }
 
+    /// The ids of all records; `None` if the table cannot be read (then
+    /// nothing may be treated as forgotten).
+    pub fn ids(&self) -> Option<std::collections::BTreeSet<String>> {
+        Some(self.records.lock().ok()?.keys().cloned().collect())
+    }
+
     /// Copy of one record.
     pub fn get(&self, id: &str) -> Option<InstanceRecord> {
         self.records.lock().ok()?.get(id).cloned()
