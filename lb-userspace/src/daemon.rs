@@ -167,6 +167,10 @@ struct Svc {
     draining: Vec<BackendStatus>,
     /// Instances already warned about (address of the wrong family).
     warned_family: BTreeSet<String>,
+    /// Its backends have been reconciled once since the start (static:
+    /// published; scoreboard: a read that was not held), so it has claimed
+    /// every orphan that is its own.
+    reconciled: bool,
 }
 
 impl Svc {
@@ -318,6 +322,7 @@ impl Daemon {
                 skipped: 0,
                 draining: Vec::new(),
                 warned_family: BTreeSet::new(),
+                reconciled: false,
             });
         }
         let sb_names: Vec<String> = svcs
@@ -378,10 +383,7 @@ impl Daemon {
             );
         }
         d.publish_static()?;
-        if d.reader.is_none() {
-            // Static services only: every claim has been made.
-            d.retire_orphans(Instant::now());
-        }
+        d.retire_orphans(Instant::now());
         d.update_status();
         Ok(d)
     }
@@ -517,6 +519,7 @@ impl Daemon {
             }
             let took = publish(lb, svc, members)
                 .with_context(|| format!("publishing static service {}", svc.name))?;
+            svc.reconciled = true;
             info!(service = %svc.name, backends = s.backends.len(), ?took, "published static table");
             // Backends an earlier run had (adopted from the pins) that the
             // config no longer lists: retired like any gone backend.
@@ -564,8 +567,6 @@ impl Daemon {
                 self.last_error_class = None;
                 let now_ms = now_ms();
                 let now = Instant::now();
-                // Every scoreboard service reconciled (none held or unusable)?
-                let mut complete = true;
                 for i in 0..self.svcs.len() {
                     let Source::Scoreboard { name, .. } = &self.svcs[i].source else {
                         continue;
@@ -576,7 +577,6 @@ impl Daemon {
                                 info!(service = %self.svcs[i].name, "scoreboard data usable again (was: {m})");
                             }
                             self.apply(i, s, now_ms, now);
-                            complete &= !self.svcs[i].held;
                         }
                         Some(Err(m)) => {
                             let msg = format!("{}: {}", m.key, m.detail);
@@ -585,18 +585,14 @@ impl Daemon {
                                 warn!(service = %svc.name, "scoreboard data unusable, keeping the last table: {msg}");
                             }
                             svc.malformed = Some(msg);
-                            complete = false;
                         }
                         None => {
                             // The reader answers every name asked for.
                             warn!(service = %self.svcs[i].name, "service missing from the scoreboard read");
-                            complete = false;
                         }
                     }
                 }
-                if complete {
-                    self.retire_orphans(now);
-                }
+                self.retire_orphans(now);
             }
         }
         self.refreshes += 1;
@@ -604,10 +600,27 @@ impl Daemon {
         self.update_status();
     }
 
-    /// Retires the orphans no service claimed: flags 0 (their flows
-    /// re-select), ids quarantined.
+    /// Retires the orphans no service claimed although every service that
+    /// could own them (same family; dsr: the VIP's port) has been
+    /// reconciled: flags 0 (their flows re-select), ids quarantined. An
+    /// orphan a held service could own waits, as that service's draining
+    /// backends do.
     fn retire_orphans(&mut self, now: Instant) {
-        for (id, b) in std::mem::take(&mut self.orphans) {
+        let svcs = &self.svcs;
+        let settled = |b: &Backend| {
+            svcs.iter()
+                .filter(|s| {
+                    family(s.vip) == b.family
+                        && (s.mode == config::Mode::Nat || s.port.to_be() == b.port)
+                })
+                .all(|s| s.reconciled)
+        };
+        let (done, waiting): (BTreeMap<u32, Backend>, BTreeMap<u32, Backend>) =
+            std::mem::take(&mut self.orphans)
+                .into_iter()
+                .partition(|(_, b)| settled(b));
+        self.orphans = waiting;
+        for (id, b) in done {
             let gone = Backend { flags: 0, ..b };
             match write_backend(&mut self.lb, &mut self.written, id, gone) {
                 Ok(()) => {
@@ -747,11 +760,7 @@ impl Daemon {
         let mut live: BTreeSet<SocketAddr> = d.weights.iter().map(|w| w.addr.socket).collect();
         svc.draining.clear();
         for dr in &d.draining {
-            let id = svc
-                .ids
-                .get(&dr.addr.socket)
-                .copied()
-                .or_else(|| claim_orphan(svc, orphans, dr.addr.socket));
+            let id = existing_id(svc, orphans, dr.addr.socket);
             if let Some(id) = id {
                 if !live.contains(&dr.addr.socket) && !in_kernel.contains(&id) {
                     let b = svc.backend(dr.addr.socket, BACKEND_ACTIVE | BACKEND_DRAINING);
@@ -769,6 +778,7 @@ impl Daemon {
             });
         }
         live.extend(d.draining.iter().map(|dr| dr.addr.socket));
+        svc.reconciled = true;
 
         // 4. Retire what is gone (never what the kernel's table still holds).
         let gone: Vec<(SocketAddr, u32)> = svc
@@ -855,18 +865,17 @@ fn claim_orphan(
     Some(id)
 }
 
-/// The id of `addr` in `svc`: its own, a claimed orphan, else a new one.
-fn backend_id(
+/// The id `svc` already has for `addr`: its own, one adopted from the
+/// pinned table (dsr: stored under the VIP's port, not the instance's), or
+/// a claimed orphan.
+fn existing_id(
     svc: &mut Svc,
-    ids: &mut BackendIds,
     orphans: &mut BTreeMap<u32, Backend>,
     addr: SocketAddr,
-    now: Instant,
 ) -> Option<u32> {
     if let Some(&id) = svc.ids.get(&addr) {
         return Some(id);
     }
-    // dsr: an adopted entry holds the VIP's port, not the instance's.
     let as_pinned = SocketAddr::new(addr.ip(), svc.port);
     if svc.mode == config::Mode::Dsr && svc.recovered.remove(&as_pinned) {
         if let Some(id) = svc.ids.remove(&as_pinned) {
@@ -874,7 +883,18 @@ fn backend_id(
             return Some(id);
         }
     }
-    if let Some(id) = claim_orphan(svc, orphans, addr) {
+    claim_orphan(svc, orphans, addr)
+}
+
+/// The id of `addr` in `svc`: an existing one ([`existing_id`]), else a new one.
+fn backend_id(
+    svc: &mut Svc,
+    ids: &mut BackendIds,
+    orphans: &mut BTreeMap<u32, Backend>,
+    addr: SocketAddr,
+    now: Instant,
+) -> Option<u32> {
+    if let Some(id) = existing_id(svc, orphans, addr) {
         return Some(id);
     }
     let id = ids.allocate(now)?;

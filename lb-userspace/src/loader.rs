@@ -882,41 +882,44 @@ mod pin {
     pub fn xdp_link_ifindex(path: &Path) -> Result<u32, BalancerError> {
         use std::os::fd::AsRawFd;
         let fd = open_pinned(path)?;
-        // struct bpf_link_info: type, id, prog_id, then a union aligned to
-        // 8 whose `xdp.ifindex` is its first word (offset 16).
-        let mut info = [0u64; 32];
+        // struct bpf_link_info: u32 type, id, prog_id, then a union
+        // aligned to 8 whose `xdp.ifindex` is its first u32 (word 4).
+        #[repr(C, align(8))]
+        struct LinkInfo([u32; 64]);
+        let mut info = LinkInfo([0; 64]);
         #[repr(C)]
         struct InfoByFd {
             bpf_fd: u32,
             info_len: u32,
             info: u64,
         }
-        let attr = InfoByFd {
+        let mut attr = InfoByFd {
             bpf_fd: fd.as_raw_fd() as u32,
-            info_len: std::mem::size_of_val(&info) as u32,
-            info: info.as_mut_ptr() as u64,
+            info_len: std::mem::size_of::<LinkInfo>() as u32,
+            info: &mut info as *mut LinkInfo as u64,
         };
         // SAFETY: `attr` and the buffer it points to outlive the call; the
-        // kernel writes at most `info_len` bytes into the buffer.
+        // kernel writes at most `info_len` bytes into the buffer and updates
+        // `info_len` in `attr`.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
                 BPF_OBJ_GET_INFO_BY_FD,
-                &attr as *const InfoByFd,
+                &mut attr as *mut InfoByFd,
                 std::mem::size_of::<InfoByFd>() as u32,
             )
         };
         if rc < 0 {
             return Err(last_err("reading link info of", path));
         }
-        let link_type = info[0] as u32;
+        let link_type = info.0[0];
         if link_type != BPF_LINK_TYPE_XDP {
             return Err(BalancerError::Pin(format!(
                 "{}: not an XDP link (type {link_type})",
                 path.display()
             )));
         }
-        Ok(info[2] as u32)
+        Ok(info.0[4])
     }
 
     /// Pins only work on a bpffs: say so plainly instead of failing later.

@@ -17,8 +17,10 @@
 //!   the VIP's port) is that service's backend in the config or the
 //!   scoreboard. The kernel does not record which service a backend belongs
 //!   to, and guessing would let another service retire it (and reset its
-//!   flows). Orphans nobody claims are retired once every service has
-//!   been reconciled ([`Daemon::retire_orphans`]). Ids found retired are
+//!   flows). Orphans nobody claims are retired once every service that
+//!   could own them (same family; dsr: the VIP's port) has been reconciled
+//!   (static: published; scoreboard: a read that was not held); one a held
+//!   service could own waits, as that service's draining backends do. Ids found retired are
 //!   quarantined from now; empty slots are free. Everything is marked as
 //!   written, so nothing is rewritten needlessly.
 //! - **Tables** are not touched: a scoreboard service forwards with the
