@@ -163,6 +163,10 @@ pub struct ContainerManagerArgs {
     /// Only manage these services (repeat; default: all registered).
     #[arg(long = "service")]
     pub services: Vec<String>,
+    /// An agent that has not answered its instance list for this long is
+    /// taken as a dead node: its instances are forgotten and replaced.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub node_timeout: Duration,
 }
 
 /// A running container-manager.
@@ -226,7 +230,7 @@ pub async fn start_container_manager(
         role: role.clone(),
         mm,
         polls: HashMap::new(),
-        poll_failing: HashSet::new(),
+        poll_failing: HashMap::new(),
         last_orphan_sweep: None,
         client: AgentClient::new(
             args.access_key_id.clone(),
@@ -294,8 +298,9 @@ struct Manager {
     /// This loop iteration's agent listings, by agent URL: one poll per
     /// agent per iteration, shared by all services.
     polls: HashMap<String, Poll>,
-    /// Agents whose last poll failed (logged once per outage).
-    poll_failing: HashSet<String>,
+    /// Agents whose polls fail, since when (logged once per outage; past
+    /// `--node-timeout` their node is taken as dead).
+    poll_failing: HashMap<String, Instant>,
     /// When orphaned placements were last looked for.
     last_orphan_sweep: Option<Instant>,
 }
@@ -605,15 +610,32 @@ impl Manager {
         }
     }
 
-    /// The `running` records whose agent reports them ended, with why.
-    /// One poll per agent per loop iteration; an agent that cannot be
-    /// asked proves nothing, so its instances are kept.
+    /// The `running` records whose agent reports them ended, and the
+    /// `running` and `starting` records of a dead node (its agent silent for
+    /// `--node-timeout`), with why. One poll per agent per loop iteration;
+    /// a shorter silence proves nothing, so those instances are kept.
     async fn ended_instances(&mut self, recs: &[InstanceRecord]) -> HashMap<String, String> {
         let mut ended = HashMap::new();
-        for r in recs.iter().filter(|r| r.phase == Phase::Running) {
+        for r in recs
+            .iter()
+            .filter(|r| matches!(r.phase, Phase::Running | Phase::Starting))
+        {
             if !self.polls.contains_key(&r.agent) {
                 let poll = self.poll_agent(&r.agent).await;
                 self.polls.insert(r.agent.clone(), poll);
+            }
+            if let Some(since) = self.dead_since(&r.agent) {
+                ended.insert(
+                    r.id.clone(),
+                    format!(
+                        "is on a dead node: its agent has not answered for {:.0?}",
+                        since.elapsed()
+                    ),
+                );
+                continue;
+            }
+            if r.phase != Phase::Running {
+                continue;
             }
             let Some(Some((at_ms, list))) = self.polls.get(&r.agent) else {
                 continue;
@@ -634,6 +656,14 @@ impl Manager {
         ended
     }
 
+    /// When `agent` stopped answering, if that is `--node-timeout` ago.
+    fn dead_since(&self, agent: &str) -> Option<Instant> {
+        self.poll_failing
+            .get(agent)
+            .copied()
+            .filter(|t| t.elapsed() >= self.args.node_timeout)
+    }
+
     async fn poll_agent(&mut self, agent: &str) -> Poll {
         let Ok(url) = agent.parse::<hyper::Uri>() else {
             return None;
@@ -641,7 +671,7 @@ impl Manager {
         let at_ms = crate::sigv4::unix_now_ms();
         match self.client.list(&url).await {
             Ok(list) => {
-                if self.poll_failing.remove(agent) {
+                if self.poll_failing.remove(agent).is_some() {
                     info!(%agent, "agent answers its instance list again");
                 }
                 Some((
@@ -652,7 +682,10 @@ impl Manager {
                 ))
             }
             Err(e) => {
-                if self.poll_failing.insert(agent.to_string()) {
+                if let std::collections::hash_map::Entry::Vacant(v) =
+                    self.poll_failing.entry(agent.to_string())
+                {
+                    v.insert(Instant::now());
                     warn!(%agent, error = %e, "agent's instance list unavailable; its instances are kept");
                 } else {
                     debug!(%agent, error = %e, "agent's instance list unavailable");
@@ -810,13 +843,17 @@ impl Manager {
         existing: &[&InstanceRecord],
     ) -> Result<(AgentTarget, Option<String>), PlanError> {
         let Some(mm) = &self.mm else {
-            // Spread: the eligible agent running the fewest of this service.
+            // Spread: the eligible agent running the fewest of this service,
+            // answering ones first (a silent node may be dead).
             return self
                 .args
                 .agents
                 .iter()
                 .filter(|a| spec.requirements.node.as_ref().is_none_or(|n| *n == a.node))
-                .min_by_key(|a| existing.iter().filter(|r| r.node == a.node).count())
+                .min_by_key(|a| {
+                    let silent = self.poll_failing.contains_key(&a.url.to_string());
+                    (silent, existing.iter().filter(|r| r.node == a.node).count())
+                })
                 .map(|a| (a.clone(), None))
                 .ok_or_else(|| {
                     PlanError::Round(RoundError::Spec {

@@ -178,6 +178,7 @@ impl Env {
             lease_ttl: Duration::from_secs(2),
             holder: Some(holder.into()),
             services: Vec::new(),
+            node_timeout: Duration::from_secs(60),
         }
     }
 
@@ -1092,5 +1093,91 @@ address = "127.0.0.3"
         r.abort();
     }
     mm.shutdown().await;
+    e.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_of_a_dead_node_are_replaced_after_the_node_timeout() {
+    let (min, max) = (2, 4);
+    let mut e = env(&[("svc", min, max)]).await;
+    e.add_agent("n1", "127.0.0.1:0").await;
+    e.add_agent("n2", "127.0.0.1:0").await;
+    let agents = vec![e.agent_spec("n1"), e.agent_spec("n2")];
+    let mut args = e.cm_args("cm-a", &agents);
+    args.node_timeout = Duration::from_secs(2);
+    let cm = start_container_manager(args).await.unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "one instance on each node",
+        || {},
+        || {
+            let recs = e.records("svc");
+            recs.len() as u32 == min
+                && recs.iter().all(|r| r.phase == Phase::Running)
+                && recs
+                    .iter()
+                    .map(|r| r.node.clone())
+                    .collect::<BTreeSet<_>>()
+                    .len()
+                    == 2
+        },
+    )
+    .await;
+    let on_n2: Vec<String> = e
+        .records("svc")
+        .iter()
+        .filter(|r| r.node == "n2")
+        .map(|r| r.id.clone())
+        .collect();
+    // n2 stops answering (its records now point at a port nobody listens
+    // on, as when a node dies or is cut off; its process keeps running):
+    // nothing happens before the node timeout...
+    let dead = format!("http://127.0.0.1:{}/", free_port());
+    let mut c = e.redis.conn();
+    for mut r in e.records("svc").into_iter().filter(|r| r.node == "n2") {
+        r.agent = dead.clone();
+        let _: () = redis::cmd("HSET")
+            .arg(instances_key("svc"))
+            .arg(&r.id)
+            .arg(serde_json::to_string(&r).unwrap())
+            .query(&mut c)
+            .unwrap();
+    }
+    let down = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        e.records("svc").iter().any(|r| on_n2.contains(&r.id)),
+        "forgotten before the node timeout"
+    );
+    // ...then its instance is forgotten and replaced; min holds.
+    wait_for(
+        Duration::from_secs(30),
+        "the dead node's instance replaced",
+        || {},
+        || {
+            let recs = e.records("svc");
+            recs.len() as u32 == min
+                && recs.iter().all(|r| r.phase == Phase::Running)
+                && !recs.iter().any(|r| on_n2.contains(&r.id))
+        },
+    )
+    .await;
+    assert!(
+        down.elapsed() >= Duration::from_secs(2),
+        "not before the node timeout"
+    );
+    assert!(!e.backends("svc").keys().any(|id| on_n2.contains(id)));
+    let replace: Vec<_> = e
+        .decisions("svc")
+        .into_iter()
+        .filter(|d| d.action == "replace")
+        .collect();
+    assert_eq!(replace.len(), 1, "{replace:#?}");
+    assert!(
+        replace[0].reason.contains("dead node"),
+        "{}",
+        replace[0].reason
+    );
+    cm.shutdown().await;
     e.teardown().await;
 }
