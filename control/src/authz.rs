@@ -311,6 +311,18 @@ pub fn decoded_path(raw: &str) -> Result<String, Rejection> {
     if !raw.starts_with('/') {
         return Err(Rejection::NonCanonicalPath);
     }
+    if !raw.contains('%') {
+        // Nothing to decode (the usual case): the same segment checks,
+        // without a copy per segment.
+        let mut segs = raw[1..].split('/').peekable();
+        while let Some(seg) = segs.next() {
+            let last = segs.peek().is_none();
+            if seg == "." || seg == ".." || (seg.is_empty() && !last) {
+                return Err(Rejection::NonCanonicalPath);
+            }
+        }
+        return Ok(raw.to_string());
+    }
     let mut out = String::with_capacity(raw.len());
     let segs: Vec<&str> = raw[1..].split('/').collect();
     let n = segs.len();

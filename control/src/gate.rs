@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response, StatusCode};
 
 use crate::authz::{AuthState, NonceCache, Rejection};
@@ -83,15 +83,20 @@ impl Gate {
         if declared.is_some_and(|n| n > self.max_body as u64) {
             return Err(json_error(413, "body_too_large"));
         }
-        let body = match Limited::new(body, self.max_body).collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(e) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    return Err(json_error(413, "body_too_large"));
+        // Most requests (GETs) have no body: nothing to collect.
+        let body = if body.is_end_stream() {
+            Bytes::new()
+        } else {
+            match Limited::new(body, self.max_body).collect().await {
+                Ok(c) => c.to_bytes(),
+                Err(e) => {
+                    if e.downcast_ref::<http_body_util::LengthLimitError>()
+                        .is_some()
+                    {
+                        return Err(json_error(413, "body_too_large"));
+                    }
+                    return Err(json_error(400, "bad_body"));
                 }
-                return Err(json_error(400, "bad_body"));
             }
         };
         let path = crate::authz::decoded_path(parts.uri.path()).map_err(|r| reject(&r))?;

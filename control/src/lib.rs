@@ -20,6 +20,7 @@ pub mod load_receiver;
 pub mod load_report;
 pub mod machine_manager;
 pub mod node_report;
+pub mod per_thread;
 pub mod registry;
 pub mod scaling;
 pub mod scoreboard;

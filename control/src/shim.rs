@@ -13,9 +13,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName};
+use hyper::http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
@@ -25,6 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::gate::{json_error, json_response, Body, Gate};
 use crate::keysync::{KeySync, KeySyncConfig};
 use crate::load_report::{LoadReporter, ReportConfig};
+use crate::per_thread::Workers;
 use crate::sigv4::VerifyPolicy;
 use crate::{keystore, scoreboard};
 
@@ -93,6 +96,10 @@ pub struct ShimArgs {
     /// Key-sync XREAD block time, milliseconds.
     #[arg(long, default_value_t = 2000, hide = true)]
     pub sync_block_ms: u64,
+    /// Worker threads, each serving its connections and their upstream
+    /// requests on its own (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 impl ShimArgs {
@@ -118,16 +125,30 @@ impl ShimArgs {
             report_key_id: None,
             report_secret: None,
             sync_block_ms: 2000,
+            threads: 0,
         }
     }
 }
 
+/// What every worker thread shares; each has its own [`UpstreamClient`].
 struct Ctx {
     gate: Gate,
-    upstream: SocketAddr,
+    /// The upstream's `ip:port`, parsed once.
+    authority: Authority,
     principal_header: hyper::header::HeaderName,
-    client: Client<HttpConnector, Full<Bytes>>,
     in_flight: Arc<AtomicI64>,
+}
+
+/// Pooled keep-alive HTTP/1.1 client to the upstream.
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The upstream client the shim builds on each worker thread: keep-alive
+/// pool, TCP_NODELAY (a request's head and body may leave in two writes;
+/// Nagle would hold the second until the first is acknowledged).
+pub fn upstream_client() -> UpstreamClient {
+    let mut conn = HttpConnector::new();
+    conn.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(conn)
 }
 
 /// A running shim.
@@ -211,14 +232,28 @@ pub async fn start_shim(args: ShimArgs) -> anyhow::Result<ShimHandle> {
     let in_flight = Arc::new(AtomicI64::new(0));
     let ctx = Arc::new(Ctx {
         gate: Gate::new(keysync.state.clone(), policy, args.max_body_bytes),
-        upstream: args.upstream,
+        authority: upstream_authority(args.upstream)?,
         principal_header: hyper::header::HeaderName::from_bytes(args.principal_header.as_bytes())?,
-        client: Client::builder(TokioExecutor::new()).build_http(),
         in_flight: in_flight.clone(),
     });
     let (stop, stop_rx) = watch::channel(false);
     let span = info_span!("shim", service = %args.service, instance = %instance);
-    let server = tokio::spawn(serve(listener, ctx, stop_rx.clone()).instrument(span.clone()));
+    let workers = span.in_scope(|| {
+        Workers::start(args.threads, "shim", move || {
+            // Built on the worker thread: its pool's connections live there.
+            let client = upstream_client();
+            let ctx = ctx.clone();
+            move |req| {
+                let (ctx, client) = (ctx.clone(), client.clone());
+                async move { handle(&ctx, &client, req).await }
+            }
+        })
+    })?;
+    let server = tokio::spawn(
+        workers
+            .serve(listener, stop_rx.clone())
+            .instrument(span.clone()),
+    );
 
     let mut background = Vec::new();
     let mut reporter = None;
@@ -357,14 +392,6 @@ where
     }
 }
 
-async fn serve(listener: TcpListener, ctx: Arc<Ctx>, stop: watch::Receiver<bool>) {
-    serve_with(listener, stop, move |req| {
-        let ctx = ctx.clone();
-        async move { handle(ctx, req).await }
-    })
-    .await
-}
-
 struct InFlight(Arc<AtomicI64>);
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -372,19 +399,51 @@ impl Drop for InFlight {
     }
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+/// Hop-by-hop headers, never forwarded either way.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
-async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
+/// Removes the hop-by-hop headers from `headers`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Usually none is there: one pass over the names (compared without
+    // hashing) instead of nine hashed removals per message.
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
+    }
+}
+
+/// The URI of the upstream request: `http://AUTHORITY` + the received
+/// path and query (shared, not copied).
+pub fn upstream_uri(authority: &Authority, received: &Uri) -> Result<Uri, hyper::http::Error> {
+    let mut p = hyper::http::uri::Parts::default();
+    p.scheme = Some(Scheme::HTTP);
+    p.authority = Some(authority.clone());
+    p.path_and_query = Some(
+        received
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Ok(Uri::from_parts(p)?)
+}
+
+/// The upstream `host:port` as a URI authority.
+pub fn upstream_authority(upstream: SocketAddr) -> Result<Authority, hyper::http::Error> {
+    Ok(Authority::try_from(upstream.to_string())?)
+}
+
+async fn handle(ctx: &Ctx, client: &UpstreamClient, req: Request<Incoming>) -> Response<Body> {
     if req.uri().path() == READY_PATH {
         let ready = ctx.gate.state.is_ready();
         return json_response(
@@ -406,20 +465,12 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         return crate::gate::reject(&r);
     }
     let mut parts = admitted.parts;
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let uri = match format!("http://{}{}", ctx.upstream, pq).parse::<hyper::Uri>() {
+    parts.uri = match upstream_uri(&ctx.authority, &parts.uri) {
         Ok(u) => u,
         Err(_) => return json_error(400, "bad_uri"),
     };
-    parts.uri = uri;
     parts.version = hyper::Version::HTTP_11;
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     // Strip anything the caller claims, then set what we verified.
     parts.headers.remove(&ctx.principal_header);
     match hyper::header::HeaderValue::from_str(&admitted.principal) {
@@ -429,12 +480,10 @@ async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Response<Body> {
         Err(_) => return json_error(500, "bad_principal"),
     }
     let up = Request::from_parts(parts, Full::new(admitted.body));
-    match ctx.client.request(up).await {
+    match client.request(up).await {
         Ok(resp) => {
             let (mut p, b) = resp.into_parts();
-            for h in HOP_BY_HOP {
-                p.headers.remove(*h);
-            }
+            strip_hop_by_hop(&mut p.headers);
             Response::from_parts(p, b.boxed())
         }
         Err(e) => {

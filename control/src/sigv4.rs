@@ -246,8 +246,20 @@ pub fn canonical_query(query: &str) -> String {
 /// collapses all sequential spaces).
 pub fn canonical_header_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
+    push_canonical_header_value(&mut out, v);
+    out
+}
+
+/// [`canonical_header_value`] appended to `out` (no temporary string).
+fn push_canonical_header_value(out: &mut String, v: &str) {
+    let v = v.trim();
+    if !v.contains('\t') && !v.contains("  ") {
+        // Nothing to collapse (the usual case): one copy.
+        out.push_str(v);
+        return;
+    }
     let mut last_space = false;
-    for c in v.trim().chars() {
+    for c in v.chars() {
         if c == ' ' || c == '\t' {
             if !last_space {
                 out.push(' ');
@@ -258,7 +270,6 @@ pub fn canonical_header_value(v: &str) -> String {
             last_space = false;
         }
     }
-    out
 }
 
 /// Build the canonical headers block for `signed` (lower-case, sorted) from
@@ -268,7 +279,7 @@ pub fn canonical_headers<'a, I>(headers: I, signed: &[String]) -> Result<String,
 where
     I: IntoIterator<Item = (&'a str, &'a str)> + Clone,
 {
-    let mut out = String::new();
+    let mut out = String::with_capacity(256);
     for name in signed {
         let mut first = true;
         let mut found = false;
@@ -281,7 +292,7 @@ where
                 } else {
                     out.push(',');
                 }
-                out.push_str(&canonical_header_value(v));
+                push_canonical_header_value(&mut out, v);
                 found = true;
             }
         }
@@ -309,7 +320,27 @@ pub fn canonical_request(
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
+    if data.is_empty() {
+        return EMPTY_SHA256_HEX.to_string();
+    }
+    lower_hex(&Sha256::digest(data))
+}
+
+/// SHA-256 of the empty string (the payload hash of every bodiless request).
+pub const EMPTY_SHA256_HEX: &str =
+    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Lower-case hex, a table lookup per nibble (`hex::encode` goes through a
+/// char iterator; this runs on every request).
+fn lower_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = Vec::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize]);
+        out.push(DIGITS[(b & 15) as usize]);
+    }
+    // Only ASCII digits were pushed.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 pub fn string_to_sign(amz_date: &str, scope: &str, canonical_request: &str) -> String {
@@ -779,6 +810,25 @@ mod tests {
         assert_eq!(
             precheck(&req2, &policy, now - 301).unwrap_err(),
             SigError::RequestInFuture
+        );
+    }
+
+    #[test]
+    fn fast_hex_and_empty_hash_match_the_reference() {
+        for data in [&b""[..], b"abc", &[0u8, 255, 16, 1][..], &[7u8; 200][..]] {
+            assert_eq!(sha256_hex(data), hex::encode(Sha256::digest(data)));
+        }
+    }
+
+    #[test]
+    fn header_values_are_trimmed_and_spaces_collapsed() {
+        assert_eq!(canonical_header_value("  a b  "), "a b");
+        assert_eq!(canonical_header_value("a  b\t\tc \t d"), "a b c d");
+        assert_eq!(canonical_header_value("\ta"), "a");
+        let h = [("Host", " x "), ("X-A", "1  2"), ("x-a", "3")];
+        assert_eq!(
+            canonical_headers(h.iter().copied(), &["host".into(), "x-a".into()]).unwrap(),
+            "host:x\nx-a:1 2,3\n"
         );
     }
 }

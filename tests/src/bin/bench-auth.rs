@@ -9,7 +9,9 @@
 //! 2. **Proxied requests** on loopback, all in this one process, four paths:
 //!    - `direct`: load generator → upstream;
 //!    - `proxy without auth`: load generator → a plain reverse proxy built
-//!      like the shim (hyper server, pooled hyper-util client, same header
+//!      like the shim (hyper server on the shim's thread-per-core workers,
+//!      `headroom_control::per_thread`, a pooled hyper-util client per
+//!      worker thread built by `shim::upstream_client`, same header
 //!      handling) but verifying nothing → upstream: what the extra hop alone
 //!      costs, so that shim − proxy is what authorisation adds;
 //!    - `shim`: load generator → the real shim (`start_shim`, keys from a real
@@ -27,7 +29,10 @@
 //!
 //!    The upstream answers every request with a 3-byte body. Each server has
 //!    its own tokio runtime (`--threads` workers, default nproc), as if it
-//!    were its own process; so does the load generator: **everything shares
+//!    were its own process (the shim and the proxy without auth: `--threads`
+//!    worker threads with one single-threaded runtime each, named
+//!    `shim-N` / `proxy-N`, plus the runtime their accept loop runs on); so
+//!    does the load generator: **everything shares
 //!    the machine's cores**, so absolute figures are those of a small box
 //!    running client, proxies and upstream at once, and the ratios within one
 //!    invocation are what to compare.
@@ -80,7 +85,11 @@ use headroom_control::{
     authz::decoded_path,
     bench::verify_cost,
     keystore::{self, Grant, KeyStore},
-    shim::{start_shim, ShimArgs, DEFAULT_PRINCIPAL_HEADER},
+    per_thread::Workers,
+    shim::{
+        start_shim, strip_hop_by_hop, upstream_authority, upstream_client, upstream_uri, ShimArgs,
+        DEFAULT_PRINCIPAL_HEADER,
+    },
     sigv4::{self, CachedSecret, RequestParts, VerifyPolicy},
 };
 use headroom_tests::RedisServer;
@@ -88,6 +97,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited};
 use hyper::{
     body::Incoming,
     header::{HeaderMap, HeaderName, HeaderValue},
+    http::uri::Authority,
     Method, Request, Response, StatusCode, Uri,
 };
 use hyper_util::{
@@ -104,17 +114,6 @@ const PATH: &str = "/api/items";
 const UPSTREAM_BODY: &[u8] = b"ok\n";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BODY: usize = 1 << 20;
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
 
 #[derive(Parser, Debug)]
 #[command(
@@ -432,7 +431,8 @@ impl CellResult {
 }
 
 /// On-CPU nanoseconds of this process's threads, summed by thread name
-/// (`/proc/self/task/*/schedstat`, first field).
+/// (`/proc/self/task/*/schedstat`, first field); a `-N` suffix (worker
+/// threads `shim-0`, `shim-1`, …) counts for its base name.
 fn thread_cpu_ns() -> HashMap<String, u64> {
     let mut out = HashMap::new();
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
@@ -451,10 +451,19 @@ fn thread_cpu_ns() -> HashMap<String, u64> {
             .next()
             .and_then(|v| v.parse::<u64>().ok())
         {
-            *out.entry(comm.trim().to_string()).or_insert(0) += ns;
+            *out.entry(component_of(comm.trim()).to_string())
+                .or_insert(0) += ns;
         }
     }
     out
+}
+
+/// `shim-1` → `shim`; other names unchanged.
+fn component_of(thread: &str) -> &str {
+    match thread.rsplit_once('-') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => thread,
+    }
 }
 
 /// What is read before and after each cell.
@@ -590,6 +599,7 @@ fn bench_proxy_with(
     let shim = shim_rt.block_on(async {
         let mut sa = ShimArgs::new(SERVICE, localhost, upstream, url);
         sa.snapshot = Some(snapshot);
+        sa.threads = threads;
         let h = start_shim(sa).await?;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !h.state().is_ready() {
@@ -626,23 +636,40 @@ fn bench_proxy_with(
         tokio::spawn(serve(l, move |req| auth_check(svc.clone(), req)));
         anyhow::Ok(a)
     })?;
-    // The same proxy without the auth call: what the extra hop alone costs.
-    let [naive_addr, proxy_addr] =
-        [(Some(auth_addr), &naive_rt), (None, &proxy_rt)].map(|(auth, rt)| {
-            rt.block_on(async {
-                let ctx = Arc::new(NaiveProxy {
-                    auth,
-                    upstream,
-                    principal_header: HeaderName::from_static(DEFAULT_PRINCIPAL_HEADER),
-                    client: Client::builder(TokioExecutor::new()).build_http(),
-                });
-                let l = TcpListener::bind(localhost).await?;
-                let a = l.local_addr()?;
-                tokio::spawn(serve(l, move |req| naive_handle(ctx.clone(), req)));
-                anyhow::Ok(a)
-            })
+    let naive_addr = naive_rt.block_on(async {
+        let ctx = Arc::new(NaiveProxy {
+            auth: Some(auth_addr),
+            upstream: upstream_authority(upstream)?,
+            principal_header: HeaderName::from_static(DEFAULT_PRINCIPAL_HEADER),
+            client: Client::builder(TokioExecutor::new()).build_http(),
         });
-    let (naive_addr, proxy_addr) = (naive_addr?, proxy_addr?);
+        let l = TcpListener::bind(localhost).await?;
+        let a = l.local_addr()?;
+        tokio::spawn(serve(l, move |req| naive_handle(ctx.clone(), req)));
+        anyhow::Ok(a)
+    })?;
+    // The same proxy without the auth call, served like the shim (worker
+    // threads, an upstream client per thread built as the shim builds its
+    // own): what the extra hop alone costs.
+    let upstream_auth = upstream_authority(upstream)?;
+    let proxy_addr = proxy_rt.block_on(async {
+        let workers = Workers::start(threads, "proxy", move || {
+            let ctx = Arc::new(NaiveProxy {
+                auth: None,
+                upstream: upstream_auth.clone(),
+                principal_header: HeaderName::from_static(DEFAULT_PRINCIPAL_HEADER),
+                client: upstream_client(),
+            });
+            move |req| naive_handle(ctx.clone(), req)
+        })?;
+        let l = TcpListener::bind(localhost).await?;
+        let a = l.local_addr()?;
+        tokio::spawn(async move {
+            let (_keep, never) = tokio::sync::watch::channel(false);
+            workers.serve(l, never).await
+        });
+        anyhow::Ok(a)
+    })?;
 
     let addr_of = |p: Path| match p {
         Path::Direct => upstream,
@@ -859,7 +886,8 @@ async fn auth_check(svc: Arc<AuthService>, req: Request<Incoming>) -> Response<B
 /// a plain proxy (the shim's forwarding without its verification).
 struct NaiveProxy {
     auth: Option<SocketAddr>,
-    upstream: SocketAddr,
+    /// The upstream's `ip:port`, parsed once (as the shim does).
+    upstream: Authority,
     principal_header: HeaderName,
     /// Built like the shim's upstream client; pooled keep-alive connections.
     client: Client<HttpConnector, Full<Bytes>>,
@@ -876,13 +904,11 @@ async fn naive_handle(ctx: Arc<NaiveProxy>, req: Request<Incoming>) -> Response<
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    for h in HOP_BY_HOP {
-        parts.headers.remove(*h);
-    }
+    strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&ctx.principal_header);
     // 1. Ask the auth service (original method, path, headers incl. Host, body).
     let Some(auth) = ctx.auth else {
-        return forward(&ctx, parts, pq, body, HeaderValue::from_static(PRINCIPAL)).await;
+        return forward(&ctx, parts, body, HeaderValue::from_static(PRINCIPAL)).await;
     };
     let Ok(uri) = format!("http://{auth}{pq}").parse::<Uri>() else {
         return status_only(400);
@@ -909,18 +935,17 @@ async fn naive_handle(ctx: Arc<NaiveProxy>, req: Request<Incoming>) -> Response<
         }
         Err(_) => return status_only(502),
     };
-    forward(&ctx, parts, pq, body, principal).await
+    forward(&ctx, parts, body, principal).await
 }
 
 /// 2. Forward upstream, as the shim does.
 async fn forward(
     ctx: &NaiveProxy,
     mut parts: hyper::http::request::Parts,
-    pq: String,
     body: Bytes,
     principal: HeaderValue,
 ) -> Response<Body> {
-    let Ok(uri) = format!("http://{}{}", ctx.upstream, pq).parse::<Uri>() else {
+    let Ok(uri) = upstream_uri(&ctx.upstream, &parts.uri) else {
         return status_only(400);
     };
     parts.uri = uri;
@@ -932,9 +957,7 @@ async fn forward(
     match ctx.client.request(up).await {
         Ok(resp) => {
             let (mut p, b) = resp.into_parts();
-            for h in HOP_BY_HOP {
-                p.headers.remove(*h);
-            }
+            strip_hop_by_hop(&mut p.headers);
             Response::from_parts(p, b.boxed())
         }
         Err(_) => status_only(502),
