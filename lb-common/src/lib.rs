@@ -69,6 +69,9 @@ pub mod maps {
     /// `Array<[u64; 1024]>` with one entry: a bitmap of backend source ports;
     /// only packets from those ports are looked up as nat replies.
     pub const NAT_PORTS: &str = "NAT_PORTS";
+    /// `Array<[u64; 1024]>` with one entry: a bitmap of the services' ports;
+    /// only packets to those ports look up their flow before the service.
+    pub const VIP_PORTS: &str = "VIP_PORTS";
 }
 
 /// Names of the programs in the object.
@@ -78,6 +81,8 @@ pub mod programs {
     /// `XDP_PASS` and nothing else: attached to veth peers so redirected
     /// frames are accepted, and the floor of the benchmark.
     pub const PASS: &str = "headroom_pass";
+    /// The balancer at TC ingress (a `sched_cls` program, for veths).
+    pub const TC: &str = "headroom_tc";
 }
 
 /// Global counters: indexes into `GLOBAL_STATS`.
@@ -192,11 +197,19 @@ pub struct FlowKey {
 pub struct Flow {
     /// Backend id the flow is pinned to.
     pub backend: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// The flow's service id (valid with `FLOW_SERVICE`).
+    pub service: u16,
+    /// The service's mode when the flow began (valid with `FLOW_SERVICE`).
+    pub mode: u8,
+    /// `FLOW_SERVICE`, or 0 in entries of older programs.
+    pub flags: u8,
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet; kept for UDP only.
     pub atime_ns: u64,
 }
+
+/// `Flow::flags`: service and mode are recorded, so an established flow is
+/// forwarded without looking up its service.
+pub const FLOW_SERVICE: u8 = 1;
 
 /// Services map key: a VIP.
 #[repr(C)]

@@ -10,22 +10,23 @@
 
 use core::mem::size_of;
 
+use frame::Frame;
+
+mod frame;
+
 use aya_ebpf::{
-    bindings::{xdp_action, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
-    helpers::{
-        bpf_ktime_get_ns,
-        generated::{bpf_fib_lookup, bpf_redirect},
-    },
-    macros::{map, xdp},
+    bindings::{__sk_buff, xdp_action, BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    helpers::{bpf_ktime_get_ns, generated::bpf_fib_lookup},
+    macros::{classifier, map, xdp},
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use lb_common::{
     counter, flow_hash, Backend, Config, Counters, Flow, FlowKey, NextHop, RevNat, ServiceKey,
     ServiceValue, BACKEND_ACTIVE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
-    DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, FAMILY_V4, FAMILY_V6, MODE_NAT, NO_BACKEND,
-    PROTO_TCP, PROTO_UDP,
+    DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, FAMILY_V4, FAMILY_V6, FLOW_SERVICE, MODE_NAT,
+    NO_BACKEND, PROTO_TCP, PROTO_UDP,
 };
 
 #[map(name = "SERVICES")]
@@ -78,6 +79,11 @@ static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MA
 #[map(name = "NAT_PORTS")]
 static NAT_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 
+// One bit per service port: only packets to those ports look up their flow
+// before their service, so other traffic does not pay for it.
+#[map(name = "VIP_PORTS")]
+static VIP_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -92,6 +98,9 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
 
 /// `struct bpf_fib_lookup` without its unions (same 64-byte layout).
 #[repr(C)]
@@ -132,6 +141,46 @@ pub fn headroom(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The same balancer at TC ingress, for veths and other virtual interfaces:
+/// it handles the skb itself, so GSO and checksum offload survive, and a
+/// redirect hands the skb to the egress device without a copy.
+#[classifier]
+pub fn headroom_tc(ctx: TcContext) -> i32 {
+    let mut verdict = balance_skb(ctx.skb.skb);
+    // Headers beyond the linear part (rare: paged skbs) are pulled in and the
+    // packet parsed again; nothing was counted or changed before a parse fails.
+    if needs_headers(verdict) && frame::pull_headers(&ctx) {
+        verdict = balance_skb(ctx.skb.skb);
+    }
+    bump(verdict);
+    match verdict {
+        counter::TX | counter::REDIRECT => TC_ACT_REDIRECT,
+        counter::DROP_NO_BACKEND | counter::DROP_REDIRECT => TC_ACT_SHOT,
+        _ => TC_ACT_OK,
+    }
+}
+
+/// [`balance`] as a BPF subprogram: called twice, inlined it would need
+/// twice the stack.
+#[inline(never)]
+fn balance_skb(skb: *mut __sk_buff) -> u32 {
+    balance(&TcContext::new(skb))
+}
+
+/// Verdicts that a packet whose headers are not all in the linear part gets.
+#[inline(always)]
+fn needs_headers(verdict: u32) -> bool {
+    matches!(
+        verdict,
+        counter::PASS_TRUNC_ETH
+            | counter::PASS_TRUNC_VLAN
+            | counter::PASS_TRUNC_IPV4
+            | counter::PASS_TRUNC_IPV6
+            | counter::PASS_TRUNC_L4
+            | counter::PASS_ICMP
+    )
+}
+
 /// The floor of the benchmark, and the program on veth peers that lets them
 /// take redirected frames.
 #[xdp]
@@ -148,7 +197,7 @@ fn bump(c: u32) {
 
 /// A pointer to a `T` at `off` bytes into the packet, if the packet holds it.
 #[inline(always)]
-fn at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+fn at<T, C: Frame>(ctx: &C, off: usize) -> Option<*mut T> {
     let start = ctx.data();
     if start + off + size_of::<T>() > ctx.data_end() {
         return None;
@@ -168,14 +217,14 @@ fn wr<T>(p: *mut T, v: T) {
 
 /// Returns the verdict counter; the action follows from it.
 #[inline(always)]
-fn balance(ctx: &XdpContext) -> u32 {
-    let Some(eth_type) = at::<u16>(ctx, 12) else {
+fn balance<C: Frame>(ctx: &C) -> u32 {
+    let Some(eth_type) = at::<u16, C>(ctx, 12) else {
         return counter::PASS_TRUNC_ETH;
     };
     let mut proto = u16::from_be(rd(eth_type));
     let mut l3 = ETH_HLEN;
     if proto == ETH_P_8021Q {
-        let Some(inner) = at::<u16>(ctx, 16) else {
+        let Some(inner) = at::<u16, C>(ctx, 16) else {
             return counter::PASS_TRUNC_VLAN;
         };
         proto = u16::from_be(rd(inner));
@@ -189,8 +238,8 @@ fn balance(ctx: &XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> u32 {
-    let Some(hdr) = at::<[u32; 5]>(ctx, l3) else {
+fn ipv4<C: Frame>(ctx: &C, l3: usize) -> u32 {
+    let Some(hdr) = at::<[u32; 5], C>(ctx, l3) else {
         return counter::PASS_TRUNC_IPV4;
     };
     let w0 = rd(hdr)[0].to_ne_bytes();
@@ -200,7 +249,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> u32 {
     }
     let tot_len = u16::from_be_bytes([w0[2], w0[3]]);
     let hlen = ihl * 4;
-    if (tot_len as usize) < hlen || ctx.data() + l3 + tot_len as usize > ctx.data_end() {
+    if (tot_len as usize) < hlen || l3 + tot_len as usize > ctx.len() {
         return counter::PASS_TRUNC_IPV4;
     }
     let w = rd(hdr);
@@ -225,15 +274,15 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> u32 {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize) -> u32 {
-    let Some(hdr) = at::<[u32; 10]>(ctx, l3) else {
+fn ipv6<C: Frame>(ctx: &C, l3: usize) -> u32 {
+    let Some(hdr) = at::<[u32; 10], C>(ctx, l3) else {
         return counter::PASS_TRUNC_IPV6;
     };
     let h = rd(hdr);
     let w0 = h[0].to_ne_bytes();
     let w1 = h[1].to_ne_bytes();
     let plen = u16::from_be_bytes([w1[0], w1[1]]) as usize;
-    if w0[0] >> 4 != 6 || ctx.data() + l3 + 40 + plen > ctx.data_end() {
+    if w0[0] >> 4 != 6 || l3 + 40 + plen > ctx.len() {
         return counter::PASS_TRUNC_IPV6;
     }
     let nh = w1[2];
@@ -254,17 +303,17 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> u32 {
 }
 
 #[inline(always)]
-fn l4_ports(ctx: &XdpContext, l3: usize, l4: usize, mut key: FlowKey, ip_len: u16) -> u32 {
+fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, mut key: FlowKey, ip_len: u16) -> u32 {
     let mut tcp_flags = 0;
     if key.proto == PROTO_TCP {
-        let Some(th) = at::<[u8; 20]>(ctx, l4) else {
+        let Some(th) = at::<[u8; 20], C>(ctx, l4) else {
             return counter::PASS_TRUNC_L4;
         };
         tcp_flags = rd(th)[13];
-    } else if at::<[u8; 8]>(ctx, l4).is_none() {
+    } else if at::<[u8; 8], C>(ctx, l4).is_none() {
         return counter::PASS_TRUNC_L4;
     }
-    let Some(ports) = at::<[u16; 2]>(ctx, l4) else {
+    let Some(ports) = at::<[u16; 2], C>(ctx, l4) else {
         return counter::PASS_TRUNC_L4;
     };
     let p = rd(ports);
@@ -277,21 +326,84 @@ fn l4_ports(ctx: &XdpContext, l3: usize, l4: usize, mut key: FlowKey, ip_len: u1
         tcp_flags,
         ip_len,
     };
-    let skey = ServiceKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        family: key.family,
+    // An established flow needs only its conntrack entry: one hash lookup.
+    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let chosen = 'pick: {
+        if !syn && port_in(&VIP_PORTS, key.dport) {
+            if let Some(f) = CONNTRACK.get_ptr_mut(&key) {
+                if let Some(c) = established(&pkt, f) {
+                    break 'pick c;
+                }
+            }
+        }
+        let skey = ServiceKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
+        match unsafe { SERVICES.get(&skey) } {
+            Some(svc) => match to_backend(ctx, &pkt, svc) {
+                Ok(c) => c,
+                Err(verdict) => return verdict,
+            },
+            None => return nat_reply(ctx, &pkt),
+        }
     };
-    match unsafe { SERVICES.get(&skey) } {
-        Some(svc) => to_backend(ctx, &pkt, svc),
-        None => nat_reply(ctx, &pkt),
+    deliver(ctx, &pkt, &chosen)
+}
+
+/// Where a packet of a VIP goes.
+struct Chosen {
+    /// Service id.
+    sid: u32,
+    nat: bool,
+    /// Backend id and entry.
+    id: u32,
+    b: Backend,
+    /// The packet starts a flow (counted as such; nat: reverse entry made).
+    new_flow: bool,
+}
+
+/// Whether `port` (network order) is set in a port bitmap.
+#[inline(always)]
+fn port_in(map: &Array<[u64; 1024]>, port: u16) -> bool {
+    let port = u16::from_be(port) as usize;
+    map.get(0)
+        .is_some_and(|bits| bits[port >> 6] & (1u64 << (port & 63)) != 0)
+}
+
+/// The backend of a tracked flow from its entry alone. `None` when the full
+/// path must decide (backend gone, UDP flow idle too long, or an entry of an
+/// older program without its service): nothing was counted yet.
+#[inline(always)]
+fn established(pkt: &Pkt, f: *mut Flow) -> Option<Chosen> {
+    let flow = rd(f);
+    if flow.flags & FLOW_SERVICE == 0 {
+        return None;
     }
+    let b = active_backend(flow.backend)?;
+    if pkt.key.proto == PROTO_UDP {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let idle = CONFIG.get(0).map_or(0, |c| c.udp_idle_timeout_ns);
+        if now.wrapping_sub(flow.atime_ns) > idle {
+            return None;
+        }
+        unsafe { (*f).atime_ns = now };
+    }
+    bump(counter::CT_HIT);
+    Some(Chosen {
+        sid: flow.service as u32,
+        nat: flow.mode == MODE_NAT,
+        id: flow.backend,
+        b,
+        new_flow: false,
+    })
 }
 
 /// Picks (or recalls) the flow's backend and forwards the packet there.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
+fn to_backend<C: Frame>(ctx: &C, pkt: &Pkt, svc: &ServiceValue) -> Result<Chosen, u32> {
     let key = &pkt.key;
     let udp = key.proto == PROTO_UDP;
     let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -315,6 +427,15 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
                 }
                 Some(b) => chosen = Some((id, b)),
             }
+            if chosen.is_some() {
+                // An entry of an older program: record its service, so its
+                // next packets take the short path.
+                unsafe {
+                    (*f).service = svc.id as u16;
+                    (*f).mode = svc.mode;
+                    (*f).flags = FLOW_SERVICE;
+                }
+            }
         } else if key.proto == PROTO_TCP {
             bump(counter::MISS_NON_SYN);
         }
@@ -331,14 +452,16 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
         None => {
             bump(counter::CT_MISS);
             let Some((id, b)) = select(svc, key) else {
-                return counter::DROP_NO_BACKEND;
+                return Err(counter::DROP_NO_BACKEND);
             };
             if udp && now == 0 {
                 now = unsafe { bpf_ktime_get_ns() };
             }
             let flow = Flow {
                 backend: id,
-                _pad: 0,
+                service: svc.id as u16,
+                mode: svc.mode,
+                flags: FLOW_SERVICE,
                 atime_ns: now,
             };
             // Failure (map full of locked entries) only costs affinity.
@@ -347,15 +470,34 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
             (id, b)
         }
     };
-    let nat = svc.mode == MODE_NAT;
-    let hop = resolve(ctx, NEXTHOPS.get_ptr_mut(id), pkt.ip_len, || {
-        let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
-        fib.sport = key.sport;
-        fib.dport = if nat { b.port } else { key.dport };
-        fib.src = key.src;
-        fib.dst = b.addr;
-        fib
-    });
+    Ok(Chosen {
+        sid: svc.id,
+        nat: svc.mode == MODE_NAT,
+        id,
+        b,
+        new_flow,
+    })
+}
+
+/// Sends a packet of service `sid` to backend `id`: next hop, nat rewrite
+/// (a new nat flow also gets its reverse entry), counters, out.
+#[inline(always)]
+fn deliver<C: Frame>(ctx: &C, pkt: &Pkt, c: &Chosen) -> u32 {
+    let (sid, nat, id, b, new_flow) = (c.sid, c.nat, c.id, &c.b, c.new_flow);
+    let key = &pkt.key;
+    let hop = resolve(
+        ctx,
+        NEXTHOPS.get_ptr_mut(id),
+        ctx.wire_len(pkt.ip_len, pkt.l4),
+        || {
+            let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
+            fib.sport = key.sport;
+            fib.dport = if nat { b.port } else { key.dport };
+            fib.src = key.src;
+            fib.dst = b.addr;
+            fib
+        },
+    );
     let Some(hop) = hop else {
         return counter::PASS_FIB;
     };
@@ -375,7 +517,7 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
                 vip: key.dst,
                 vport: key.dport,
                 _pad: [0; 2],
-                service: svc.id,
+                service: sid,
                 hop: NextHop::default(),
             };
             let _ = NAT_REV.insert(&rkey, &rev, 0);
@@ -384,8 +526,8 @@ fn to_backend(ctx: &XdpContext, pkt: &Pkt, svc: &ServiceValue) -> u32 {
             return counter::PASS_TRUNC_L4;
         }
     }
-    let len = (ctx.data_end() - ctx.data()) as u64;
-    account(&SERVICE_STATS, svc.id, len, new_flow);
+    let len = ctx.len() as u64;
+    account(&SERVICE_STATS, sid, len, new_flow);
     account(&BACKEND_STATS, id, len, new_flow);
     forward(ctx, &hop)
 }
@@ -413,13 +555,9 @@ fn active_backend(id: u32) -> Option<Backend> {
 
 /// A reply from a nat backend: source back to the VIP, then to the client.
 #[inline(always)]
-fn nat_reply(ctx: &XdpContext, pkt: &Pkt) -> u32 {
+fn nat_reply<C: Frame>(ctx: &C, pkt: &Pkt) -> u32 {
     let key = &pkt.key;
-    let port = u16::from_be(key.sport) as usize;
-    let from_backend_port = NAT_PORTS
-        .get(0)
-        .is_some_and(|bits| bits[port >> 6] & (1u64 << (port & 63)) != 0);
-    if !from_backend_port {
+    if !port_in(&NAT_PORTS, key.sport) {
         return counter::PASS_NOT_VIP;
     }
     let Some(rev) = NAT_REV.get_ptr_mut(key) else {
@@ -427,7 +565,7 @@ fn nat_reply(ctx: &XdpContext, pkt: &Pkt) -> u32 {
     };
     let (vip, vport) = (rd(rev).vip, rd(rev).vport);
     let cache = unsafe { core::ptr::addr_of_mut!((*rev).hop) };
-    let hop = resolve(ctx, Some(cache), pkt.ip_len, || {
+    let hop = resolve(ctx, Some(cache), ctx.wire_len(pkt.ip_len, pkt.l4), || {
         let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
         fib.sport = vport;
         fib.dport = key.dport;
@@ -456,8 +594,8 @@ struct Hop {
 /// The next hop: from `cache` while it is of the current epoch and has
 /// carried packets this long, else from the FIB (whose answer refills it).
 #[inline(always)]
-fn resolve(
-    ctx: &XdpContext,
+fn resolve<C: Frame>(
+    ctx: &C,
     cache: Option<*mut NextHop>,
     len: u16,
     params: impl FnOnce() -> Fib,
@@ -507,8 +645,11 @@ fn resolve(
 /// Rewrites the destination (or, for replies, the source) address and port,
 /// fixing the IPv4 header and TCP/UDP checksums incrementally.
 #[inline(always)]
-fn rewrite(ctx: &XdpContext, pkt: &Pkt, source: bool, addr: &[u32; 4], port: u16) -> bool {
-    let mut d = Delta(0);
+fn rewrite<C: Frame>(ctx: &C, pkt: &Pkt, source: bool, addr: &[u32; 4], port: u16) -> bool {
+    // Addresses are in the TCP/UDP pseudo-header, ports in the segment: TC
+    // must tell its checksum helper which is which.
+    let mut da = Delta(0);
+    let mut dp = Delta(0);
     let v4 = pkt.key.family == FAMILY_V4;
     let (addr_off, port_off) = match (v4, source) {
         (true, true) => (12, 0),
@@ -517,54 +658,46 @@ fn rewrite(ctx: &XdpContext, pkt: &Pkt, source: bool, addr: &[u32; 4], port: u16
         (false, false) => (24, 2),
     };
     if v4 {
-        let Some(a) = at::<u32>(ctx, pkt.l3 + addr_off) else {
+        let Some(a) = at::<u32, C>(ctx, pkt.l3 + addr_off) else {
             return false;
         };
-        let Some(c) = at::<u16>(ctx, pkt.l3 + 10) else {
+        let Some(c) = at::<u16, C>(ctx, pkt.l3 + 10) else {
             return false;
         };
         let old = rd(a);
-        d.w32(old, addr[0]);
+        da.w32(old, addr[0]);
         wr(a, addr[0]);
-        wr(c, d.apply(rd(c)));
+        wr(c, da.apply(rd(c)));
     } else {
-        let Some(a) = at::<[u32; 4]>(ctx, pkt.l3 + addr_off) else {
+        let Some(a) = at::<[u32; 4], C>(ctx, pkt.l3 + addr_off) else {
             return false;
         };
         let old = rd(a);
         let mut i = 0;
         while i < 4 {
-            d.w32(old[i], addr[i]);
+            da.w32(old[i], addr[i]);
             i += 1;
         }
         wr(a, *addr);
     }
-    let Some(p) = at::<u16>(ctx, pkt.l4 + port_off) else {
+    let Some(p) = at::<u16, C>(ctx, pkt.l4 + port_off) else {
         return false;
     };
-    d.w16(rd(p), port);
+    dp.w16(rd(p), port);
     wr(p, port);
-    let csum_off = if pkt.key.proto == PROTO_TCP { 16 } else { 6 };
-    let Some(c) = at::<u16>(ctx, pkt.l4 + csum_off) else {
+    let udp = pkt.key.proto == PROTO_UDP;
+    let csum_off = pkt.l4 + if udp { 6 } else { 16 };
+    let Some(c) = at::<u16, C>(ctx, csum_off) else {
         // A first fragment too short to carry the TCP checksum: leave it.
-        return pkt.key.proto == PROTO_TCP;
+        return !udp;
     };
-    let old = rd(c);
-    if pkt.key.proto == PROTO_UDP && v4 && old == 0 {
-        return true; // IPv4 UDP without checksum stays without.
-    }
-    let mut new = d.apply(old);
-    if pkt.key.proto == PROTO_UDP && new == 0 {
-        new = 0xffff;
-    }
-    wr(c, new);
-    true
+    ctx.l4_csum(csum_off, rd(c), da, dp, udp, v4)
 }
 
 /// ICMPv4 fragmentation-needed quoting a balanced flow: to that flow's backend.
 #[inline(always)]
-fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
-    let Some(ih) = at::<[u8; 8]>(ctx, l4) else {
+fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
+    let Some(ih) = at::<[u8; 8], C>(ctx, l4) else {
         return counter::PASS_TRUNC_L4;
     };
     let ih = rd(ih);
@@ -572,7 +705,7 @@ fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         return counter::PASS_ICMP;
     }
     let il3 = l4 + 8;
-    let Some(inner) = at::<[u32; 5]>(ctx, il3) else {
+    let Some(inner) = at::<[u32; 5], C>(ctx, il3) else {
         return counter::PASS_ICMP;
     };
     let w = rd(inner);
@@ -583,7 +716,7 @@ fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         return counter::PASS_ICMP;
     }
     let il4 = il3 + ihl * 4;
-    let Some(ports) = at::<[u16; 2]>(ctx, il4) else {
+    let Some(ports) = at::<[u16; 2], C>(ctx, il4) else {
         return counter::PASS_ICMP;
     };
     let p = rd(ports);
@@ -613,12 +746,12 @@ fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         // Outer destination, inner source address and port, inner IP checksum;
         // the ICMP checksum covers the inner bytes, so it follows them.
         let (Some(odst), Some(ocsum), Some(isrc), Some(icsum), Some(isport), Some(ccsum)) = (
-            at::<u32>(ctx, l3 + 16),
-            at::<u16>(ctx, l3 + 10),
-            at::<u32>(ctx, il3 + 12),
-            at::<u16>(ctx, il3 + 10),
-            at::<u16>(ctx, il4),
-            at::<u16>(ctx, l4 + 2),
+            at::<u32, C>(ctx, l3 + 16),
+            at::<u16, C>(ctx, l3 + 10),
+            at::<u32, C>(ctx, il3 + 12),
+            at::<u16, C>(ctx, il3 + 10),
+            at::<u16, C>(ctx, il4),
+            at::<u16, C>(ctx, l4 + 2),
         ) else {
             return counter::PASS_ICMP;
         };
@@ -645,15 +778,15 @@ fn icmp4(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
 
 /// ICMPv6 packet-too-big quoting a balanced flow: to that flow's backend.
 #[inline(always)]
-fn icmp6(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
-    let Some(ih) = at::<[u8; 8]>(ctx, l4) else {
+fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
+    let Some(ih) = at::<[u8; 8], C>(ctx, l4) else {
         return counter::PASS_TRUNC_L4;
     };
     if rd(ih)[0] != ICMPV6_PKT_TOOBIG {
         return counter::PASS_ICMP;
     }
     let il3 = l4 + 8;
-    let Some(inner) = at::<[u32; 10]>(ctx, il3) else {
+    let Some(inner) = at::<[u32; 10], C>(ctx, il3) else {
         return counter::PASS_ICMP;
     };
     let h = rd(inner);
@@ -663,7 +796,7 @@ fn icmp6(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         return counter::PASS_ICMP;
     }
     let il4 = il3 + 40;
-    let Some(ports) = at::<[u16; 2]>(ctx, il4) else {
+    let Some(ports) = at::<[u16; 2], C>(ctx, il4) else {
         return counter::PASS_ICMP;
     };
     let p = rd(ports);
@@ -692,10 +825,10 @@ fn icmp6(ctx: &XdpContext, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -
         // The ICMPv6 checksum covers the pseudo-header (outer destination)
         // and the quoted bytes (inner source address and port).
         let (Some(odst), Some(isrc), Some(isport), Some(ccsum)) = (
-            at::<[u32; 4]>(ctx, l3 + 24),
-            at::<[u32; 4]>(ctx, il3 + 8),
-            at::<u16>(ctx, il4),
-            at::<u16>(ctx, l4 + 2),
+            at::<[u32; 4], C>(ctx, l3 + 24),
+            at::<[u32; 4], C>(ctx, il3 + 8),
+            at::<u16, C>(ctx, il4),
+            at::<u16, C>(ctx, l4 + 2),
         ) else {
             return counter::PASS_ICMP;
         };
@@ -734,7 +867,7 @@ fn tracked(key: &FlowKey) -> Option<(ServiceValue, Backend)> {
 }
 
 #[inline(always)]
-fn fib_params(ctx: &XdpContext, family: u8, proto: u8, ip_len: u16) -> Fib {
+fn fib_params<C: Frame>(ctx: &C, family: u8, proto: u8, ip_len: u16) -> Fib {
     Fib {
         family: if family == FAMILY_V6 {
             AF_INET6
@@ -744,8 +877,8 @@ fn fib_params(ctx: &XdpContext, family: u8, proto: u8, ip_len: u16) -> Fib {
         l4_protocol: proto,
         sport: 0,
         dport: 0,
-        tot_len: ip_len,
-        ifindex: ctx.ingress_ifindex() as u32,
+        tot_len: ctx.fib_len(ip_len),
+        ifindex: ctx.ifindex(),
         flowinfo: 0,
         src: [0; 4],
         dst: [0; 4],
@@ -768,10 +901,10 @@ impl Fib {
 
 /// Asks the kernel's FIB (routes + neighbours) for the next hop.
 #[inline(always)]
-fn lookup(ctx: &XdpContext, fib: &mut Fib) -> bool {
+fn lookup<C: Frame>(ctx: &C, fib: &mut Fib) -> bool {
     let rc = unsafe {
         bpf_fib_lookup(
-            ctx.ctx as *mut _,
+            ctx.as_ptr() as *mut _,
             fib as *mut Fib as *mut _,
             size_of::<Fib>() as i32,
             0,
@@ -782,26 +915,25 @@ fn lookup(ctx: &XdpContext, fib: &mut Fib) -> bool {
 
 /// Sets the next hop's MACs and sends the frame on its way.
 #[inline(always)]
-fn forward(ctx: &XdpContext, hop: &Hop) -> u32 {
-    let Some(eth) = at::<[u8; 12]>(ctx, 0) else {
+fn forward<C: Frame>(ctx: &C, hop: &Hop) -> u32 {
+    let Some(eth) = at::<[u8; 12], C>(ctx, 0) else {
         return counter::PASS_TRUNC_ETH;
     };
     let mut macs = [0u8; 12];
     macs[..6].copy_from_slice(&hop.dmac);
     macs[6..].copy_from_slice(&hop.smac);
     wr(eth, macs);
-    if hop.ifindex == ctx.ingress_ifindex() as u32 {
+    if hop.ifindex == ctx.ifindex() {
+        if C::TX_IS_REDIRECT {
+            // TC has no "back out where it came from" verdict: redirect there.
+            return match ctx.redirect(hop.ifindex) {
+                counter::REDIRECT => counter::TX,
+                v => v,
+            };
+        }
         return counter::TX;
     }
-    if TX_PORTS.redirect(hop.ifindex, 0).is_ok() {
-        return counter::REDIRECT;
-    }
-    // Not in the devmap: the slower generic redirect still delivers it.
-    if unsafe { bpf_redirect(hop.ifindex, 0) } == xdp_action::XDP_REDIRECT as i64 {
-        counter::REDIRECT
-    } else {
-        counter::DROP_REDIRECT
-    }
+    ctx.redirect(hop.ifindex)
 }
 
 #[inline(always)]
@@ -819,7 +951,7 @@ fn account(map: &PerCpuArray<Counters>, id: u32, len: u64, new_flow: bool) {
 /// 16-bit words that changed. Words are read in memory order; one's
 /// complement sums do not care about byte order as long as all agree.
 #[derive(Clone, Copy)]
-struct Delta(u32);
+pub struct Delta(pub u32);
 
 impl Delta {
     #[inline(always)]
@@ -833,8 +965,14 @@ impl Delta {
         self.w16((old >> 16) as u16, (new >> 16) as u16);
     }
 
+    /// The change as a 16-bit one's complement sum (a checksum diff).
     #[inline(always)]
-    fn apply(&self, csum: u16) -> u16 {
+    pub fn fold(&self) -> u16 {
+        fold(self.0)
+    }
+
+    #[inline(always)]
+    pub fn apply(&self, csum: u16) -> u16 {
         !fold((!csum) as u32 + fold(self.0) as u32)
     }
 }
