@@ -193,28 +193,33 @@ pub struct Group {
     pub services: Vec<Service>,
 }
 
-/// `[[group.interface]]`: one interface XDP is attached to.
+/// `[[group.interface]]`: one interface the balancer is attached to.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Interface {
     /// Kernel interface name (1–15 bytes, no `/`, `:` or whitespace).
     pub name: String,
-    /// How XDP is attached (default `auto`).
+    /// How the balancer is attached (default `auto`).
     #[serde(default)]
     pub mode: AttachMode,
 }
 
-/// How XDP is attached to an interface.
+/// How the balancer is attached to an interface: one of the XDP modes
+/// (physical NICs) or the TC ingress hook (veths and other virtual
+/// interfaces).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
-    /// In the driver (fast); fails if the driver has no XDP support.
+    /// XDP in the driver (fast); fails if the driver has no XDP support.
     Native,
-    /// In the generic network stack (slow, works everywhere).
+    /// XDP in the generic network stack (slow, works everywhere).
     Generic,
-    /// Native if the driver supports it, else generic.
+    /// XDP native if the driver supports it, else generic.
     #[default]
     Auto,
+    /// TC ingress (tcx link) — for veth and other virtual interfaces: keeps
+    /// GSO and checksum offload; XDP modes for physical NICs.
+    Tc,
 }
 
 /// `[[group.service]]`: one VIP balanced over backends.
@@ -340,7 +345,13 @@ impl AttachMode {
             Self::Native => "native",
             Self::Generic => "generic",
             Self::Auto => "auto",
+            Self::Tc => "tc",
         }
+    }
+
+    /// Whether this mode attaches the TC program rather than XDP.
+    pub fn is_tc(self) -> bool {
+        self == Self::Tc
     }
 }
 

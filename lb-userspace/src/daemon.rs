@@ -482,7 +482,7 @@ impl Daemon {
             info!(
                 interfaces = %ifaces.join(","),
                 pins = %self.pin_dir.display(),
-                "stopped; XDP stays attached and the maps stay pinned: forwarding continues \
+                "stopped; the balancer stays attached and the maps stay pinned: forwarding continues \
                  with the last tables (`headroom lb detach` removes them)"
             );
         }
@@ -1037,7 +1037,7 @@ impl DaemonHandle {
         self.status.clone()
     }
 
-    /// Stops the daemon (XDP stays attached, the maps pinned) and waits for
+    /// Stops the daemon (the balancer stays attached, the maps pinned) and waits for
     /// its thread.
     pub fn shutdown(mut self) -> Result<()> {
         self.stop_and_join()

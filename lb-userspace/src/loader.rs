@@ -12,9 +12,10 @@ use std::{
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        ProgramError, TestRun, TestRunOptions, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -26,6 +27,20 @@ use lb_common::{
 use thiserror::Error;
 
 use crate::tables::{TableError, TableMem};
+
+/// The TC ingress program of the object: the balancer's code on the skb
+/// (`mode = "tc"`), loaded only when an interface asks for it.
+pub const TC_PROGRAM: &str = programs::TC;
+
+/// TC verdicts (`TC_ACT_*`, linux/pkt_cls.h) that [`run_tc`] returns.
+pub mod tc_act {
+    /// Continue into the stack (XDP_PASS).
+    pub const OK: u32 = 0;
+    /// Drop (XDP_DROP).
+    pub const SHOT: u32 = 2;
+    /// `bpf_redirect` to an egress (XDP_TX and XDP_REDIRECT).
+    pub const REDIRECT: u32 = 7;
+}
 
 /// The XDP object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
@@ -85,6 +100,13 @@ pub enum BalancerError {
     /// A map is missing from the object (object and userspace disagree).
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
+    /// A program is missing from the object (an object older than this
+    /// build, e.g. one without the TC program).
+    #[error(
+        "program {0} is missing from the embedded eBPF object: rebuild it with \
+         `cargo xtask build-ebpf` and then this binary"
+    )]
+    MissingProgram(&'static str),
     /// The table memory could not be used.
     #[error(transparent)]
     Table(#[from] TableError),
@@ -116,7 +138,8 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BalancerError {
 /// Result of running one frame through the program (BPF_PROG_TEST_RUN).
 #[derive(Debug, Clone)]
 pub struct RunResult {
-    /// XDP action (`XDP_PASS` = 2, …).
+    /// XDP action (`XDP_PASS` = 2, …), or for [`run_tc`] the TC verdict
+    /// ([`tc_act`]).
     pub action: u32,
     /// The frame as the program left it.
     pub frame: Vec<u8>,
@@ -138,6 +161,7 @@ pub struct Balancer {
     backend_stats: PerCpuArray<MapData, Counters>,
     tx_ports: DevMapHash<MapData>,
     nat_ports: Array<MapData, [u64; 1024]>,
+    vip_ports: Array<MapData, [u64; 1024]>,
     tables: TableMem,
     _tables_map: MapData,
     config: Config,
@@ -239,6 +263,8 @@ impl Balancer {
             DevMapHash::try_from(take(maps::TX_PORTS)?).map_err(map_err(maps::TX_PORTS))?;
         let nat_ports =
             Array::try_from(take(maps::NAT_PORTS)?).map_err(map_err(maps::NAT_PORTS))?;
+        let vip_ports =
+            Array::try_from(take(maps::VIP_PORTS)?).map_err(map_err(maps::VIP_PORTS))?;
         let tables = TableMem::map(tables_map.fd(), table_entries)?;
 
         let mut lb = Self {
@@ -254,6 +280,7 @@ impl Balancer {
             backend_stats,
             tx_ports,
             nat_ports,
+            vip_ports,
             tables,
             _tables_map: tables_map,
             config: Config {
@@ -304,10 +331,10 @@ impl Balancer {
         let pin = self
             .pin_dir
             .as_ref()
-            .map(|d| d.join(format!("link-{ifname}")));
+            .map(|d| d.join(pin::link_name(pin::Hook::Xdp, ifname)));
         if let (Some(path), Some(dir)) = (&pin, &self.pin_dir) {
             if path.exists() {
-                let linked = pin::xdp_link_ifindex(path)?;
+                let linked = pin::link_ifindex(path, pin::Hook::Xdp)?;
                 if linked != ifindex {
                     // Updating a defunct link fails, and one of another
                     // interface would leave this one without the balancer.
@@ -317,7 +344,7 @@ impl Balancer {
                         pinned_ifindex = linked,
                         "the pinned link belongs to an interface that is gone: attaching anew"
                     );
-                    unpin_link(dir, ifname)?;
+                    pin::unpin(dir, pin::Hook::Xdp, ifname)?;
                 }
             }
         }
@@ -346,7 +373,100 @@ impl Balancer {
             }
         }
         self.add_tx_port(ifindex)?;
+        self.drop_other_hook(pin::Hook::Tc, ifname)?;
         Ok(reused)
+    }
+
+    /// Like [`Self::attach`], but on the interface's TC ingress hook (a
+    /// tcx link) with the TC program ([`TC_PROGRAM`], loaded on first use):
+    /// for veths and other virtual interfaces, where it works on the skb
+    /// and keeps GSO and checksum offload. Same pinning: loaded pinned, the
+    /// link is pinned as `tc-<ifname>` in the pin directory; a link pinned
+    /// by an earlier run gets the new program atomically; one whose
+    /// interface is gone is dropped and the interface attached anew. An XDP
+    /// link an earlier run pinned for this interface (its mode changed) is
+    /// removed once the TC link runs, so the interface never keeps both.
+    /// Returns whether a pinned link was reused.
+    pub fn attach_tc(&mut self, ifname: &str, ifindex: u32) -> Result<bool, BalancerError> {
+        let name = TC_PROGRAM;
+        let perr = move |source| BalancerError::Program { name, source };
+        // aya attaches TC by name: make sure the name means the interface
+        // the caller resolved, in this thread's namespace.
+        let here = pin::ifindex_of(ifname)?;
+        if here != ifindex {
+            return Err(BalancerError::Pin(format!(
+                "interface {ifname} has index {here} here, not {ifindex}"
+            )));
+        }
+        let dir = self.pin_dir.clone();
+        let pin = dir
+            .as_ref()
+            .map(|d| d.join(pin::link_name(pin::Hook::Tc, ifname)));
+        if let (Some(path), Some(dir)) = (&pin, &dir) {
+            if path.exists() {
+                let linked = pin::link_ifindex(path, pin::Hook::Tc)?;
+                if linked != ifindex {
+                    // As for XDP: a defunct link cannot be updated.
+                    tracing::warn!(
+                        interface = ifname,
+                        ifindex,
+                        pinned_ifindex = linked,
+                        "the pinned tc link belongs to an interface that is gone: attaching anew"
+                    );
+                    pin::unpin(dir, pin::Hook::Tc, ifname)?;
+                }
+            }
+        }
+        let prog = self.tc_program()?;
+        let reused = pin.as_ref().is_some_and(|p| p.exists());
+        let tcx = || TcAttachOptions::TcxOrder(LinkOrder::default());
+        match pin {
+            Some(path) if path.exists() => {
+                let pinned = PinnedLink::from_pin(&path)
+                    .map_err(|e| BalancerError::Pin(format!("{}: {e}", path.display())))?;
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                    .map_err(|e| BalancerError::Pin(format!("{}: {e}", path.display())))?;
+                let id = prog.attach_to_link(link).map_err(perr)?;
+                // The pin keeps the link alive; our fd may close.
+                drop(prog.take_link(id).map_err(perr)?);
+            }
+            Some(path) => {
+                let id = prog
+                    .attach_with_options(ifname, TcAttachType::Ingress, tcx())
+                    .map_err(perr)?;
+                let link = FdLink::try_from(prog.take_link(id).map_err(perr)?)
+                    .map_err(|e| BalancerError::Pin(format!("{ifname}: not a bpf_link: {e}")))?;
+                link.pin(&path)
+                    .map_err(|e| BalancerError::Pin(format!("{}: {e}", path.display())))?;
+            }
+            None => {
+                prog.attach_with_options(ifname, TcAttachType::Ingress, tcx())
+                    .map_err(perr)?;
+            }
+        }
+        // The TC program redirects without the devmap, but XDP interfaces
+        // of the same balancer may redirect to this one.
+        self.add_tx_port(ifindex)?;
+        self.drop_other_hook(pin::Hook::Xdp, ifname)?;
+        Ok(reused)
+    }
+
+    /// Removes the pinned `hook` link of `ifname` an earlier run left (the
+    /// interface's mode changed), now that the other hook runs there.
+    fn drop_other_hook(&mut self, hook: pin::Hook, ifname: &str) -> Result<(), BalancerError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        if !dir.join(pin::link_name(hook, ifname)).exists() {
+            return Ok(());
+        }
+        pin::unpin(dir, hook, ifname)?;
+        tracing::info!(
+            interface = ifname,
+            removed = hook.as_str(),
+            "the interface's attach mode changed: removed the earlier run's link"
+        );
+        Ok(())
     }
 
     /// Checks that maps an earlier run pinned have the shape this program
@@ -420,7 +540,7 @@ impl Balancer {
         if !self.backends_set.is_empty() {
             self.write_nat_ports()?;
         }
-        Ok(())
+        self.write_vip_ports()
     }
 
     /// The services currently published (recovered after a pinned restart).
@@ -446,6 +566,34 @@ impl Balancer {
     /// The balancer program (attach it, or test-run it).
     pub fn program(&mut self) -> &mut Xdp {
         self.xdp(programs::BALANCER)
+    }
+
+    /// The TC program ([`TC_PROGRAM`]), loaded on first use: objects and
+    /// hosts that only run XDP never load it. Fails with
+    /// [`BalancerError::MissingProgram`] if the object has none.
+    pub fn tc_program(&mut self) -> Result<&mut SchedClassifier, BalancerError> {
+        let name = TC_PROGRAM;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(BalancerError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| BalancerError::Program { name, source })?;
+        if prog.fd().is_err() {
+            prog.load()
+                .map_err(|source| BalancerError::Program { name, source })?;
+        }
+        Ok(prog)
+    }
+
+    /// Runs one frame through the TC program like [`Self::run`] does
+    /// through XDP; the action is a TC verdict ([`tc_act`]).
+    pub fn run_tc(
+        &mut self,
+        frame: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<RunResult, BalancerError> {
+        run_tc(self.tc_program()?, frame, ingress_ifindex)
     }
 
     /// The `XDP_PASS` program (for veth peers, and the benchmark floor).
@@ -531,6 +679,19 @@ impl Balancer {
             .map_err(map_err(maps::NAT_PORTS))
     }
 
+    /// Ports of published services: only packets to them look up their flow
+    /// before their service (the program's short path for established flows).
+    fn write_vip_ports(&mut self) -> Result<(), BalancerError> {
+        let mut bits = [0u64; 1024];
+        for k in self.published.keys() {
+            let port = usize::from(u16::from_be(k.port));
+            bits[port >> 6] |= 1 << (port & 63);
+        }
+        self.vip_ports
+            .set(0, bits, 0)
+            .map_err(map_err(maps::VIP_PORTS))
+    }
+
     /// Reads backend slot `id`.
     pub fn backend(&self, id: u32) -> Result<Backend, BalancerError> {
         self.backends.get(&id, 0).map_err(map_err(maps::BACKENDS))
@@ -586,7 +747,9 @@ impl Balancer {
         self.services
             .insert(key, value, 0)
             .map_err(map_err(maps::SERVICES))?;
-        self.published.insert(key, value);
+        if self.published.insert(key, value).is_none() {
+            self.write_vip_ports()?;
+        }
         Ok(value)
     }
 
@@ -615,7 +778,7 @@ impl Balancer {
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), BalancerError> {
         self.services.remove(key).map_err(map_err(maps::SERVICES))?;
         self.published.remove(key);
-        Ok(())
+        self.write_vip_ports()
     }
 
     /// The connection table.
@@ -662,7 +825,8 @@ impl Balancer {
 /// What [`detach`] removed.
 #[derive(Debug, Default)]
 pub struct Detached {
-    /// Interfaces whose pinned XDP link was removed (XDP came off them).
+    /// Interfaces whose pinned XDP or TC link was removed (the balancer came
+    /// off them).
     pub links: Vec<String>,
     /// Pinned maps removed.
     pub maps: Vec<String>,
@@ -675,29 +839,28 @@ pub fn detach(dir: &Path) -> Result<Detached, BalancerError> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| BalancerError::Pin(format!("reading {}: {e}", dir.display())))?;
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    // Links ("link-*") before maps.
-    paths.sort_by_key(|p| {
-        !p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("link-"))
-    });
+    let link_of = |p: &Path| {
+        p.file_name()
+            .and_then(|n| pin::parse_link_name(&n.to_string_lossy()))
+    };
+    // Links (XDP "link-*", TC "tc-*") before maps.
+    paths.sort_by_key(|p| link_of(p).is_none());
     let mut out = Detached::default();
     for p in paths {
-        let is_link = p
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("link-"));
-        if is_link {
+        let link = link_of(&p);
+        if link.is_some() {
             // Best effort: the unpin below frees the link anyway, only later.
             let _ = pin::detach_link(&p);
         }
         std::fs::remove_file(&p)
             .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", p.display())))?;
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match name.strip_prefix("link-") {
-            Some(ifname) => out.links.push(ifname.to_string()),
-            None => out.maps.push(name),
+        match link {
+            Some((_, ifname)) => out.links.push(ifname),
+            None => out.maps.push(
+                p.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
         }
     }
     std::fs::remove_dir(dir)
@@ -705,30 +868,46 @@ pub fn detach(dir: &Path) -> Result<Detached, BalancerError> {
     Ok(out)
 }
 
-/// The interfaces with a link pinned in `dir` (`link-<ifname>`).
+/// The interfaces with a link pinned in `dir` (XDP `link-<ifname>` or TC
+/// `tc-<ifname>`), each once, sorted.
 pub fn pinned_links(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
+    let mut out: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .strip_prefix("link-")
-                        .map(str::to_string)
-                })
+                .filter_map(|e| pin::parse_link_name(&e.file_name().to_string_lossy()))
+                .map(|(_, ifname)| ifname)
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
 }
 
-/// Removes the pinned link of `ifname` in `dir`: XDP comes off the
-/// interface (unless another process holds the link open).
+/// Whether `dir` holds a pinned TC link (`tc-<ifname>`) of `ifname`.
+pub fn has_pinned_tc_link(dir: &Path, ifname: &str) -> bool {
+    dir.join(pin::link_name(pin::Hook::Tc, ifname)).exists()
+}
+
+/// Removes the pinned links of `ifname` in `dir`, XDP and TC: the
+/// balancer comes off the interface (unless another process holds a link
+/// open). Fails if there was none.
 pub fn unpin_link(dir: &Path, ifname: &str) -> Result<(), BalancerError> {
-    let p = dir.join(format!("link-{ifname}"));
-    let _ = pin::detach_link(&p);
-    std::fs::remove_file(&p)
-        .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", p.display())))
+    let mut removed = false;
+    for hook in [pin::Hook::Xdp, pin::Hook::Tc] {
+        if dir.join(pin::link_name(hook, ifname)).exists() {
+            pin::unpin(dir, hook, ifname)?;
+            removed = true;
+        }
+    }
+    if !removed {
+        return Err(BalancerError::Pin(format!(
+            "no link of {ifname} is pinned in {}",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Whether `dir` (or, if it does not exist yet, its nearest existing
@@ -790,7 +969,7 @@ mod pin {
     use super::BalancerError;
 
     /// The maps that outlive the daemon (not the log ring buffer).
-    pub const PINNED_MAPS: [&str; 12] = [
+    pub const PINNED_MAPS: [&str; 13] = [
         maps::SERVICES,
         maps::BACKENDS,
         maps::TABLES,
@@ -803,6 +982,7 @@ mod pin {
         maps::TX_PORTS,
         maps::NEXTHOPS,
         maps::NAT_PORTS,
+        maps::VIP_PORTS,
     ];
 
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -812,6 +992,80 @@ mod pin {
     const BPF_LINK_DETACH: libc::c_long = 34;
     /// `enum bpf_link_type`.
     const BPF_LINK_TYPE_XDP: u32 = 6;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+
+    /// The hook a pinned link attaches the balancer to.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Hook {
+        /// An XDP link, pinned as `link-<ifname>`.
+        Xdp,
+        /// A tcx ingress link, pinned as `tc-<ifname>`.
+        Tc,
+    }
+
+    impl Hook {
+        /// The pin's file-name prefix.
+        fn prefix(self) -> &'static str {
+            match self {
+                Hook::Xdp => "link-",
+                Hook::Tc => "tc-",
+            }
+        }
+
+        /// The name in logs.
+        pub fn as_str(self) -> &'static str {
+            match self {
+                Hook::Xdp => "xdp",
+                Hook::Tc => "tc",
+            }
+        }
+
+        /// `enum bpf_link_type` of its links.
+        fn link_type(self) -> u32 {
+            match self {
+                Hook::Xdp => BPF_LINK_TYPE_XDP,
+                Hook::Tc => BPF_LINK_TYPE_TCX,
+            }
+        }
+    }
+
+    /// The file name of `ifname`'s `hook` link in a pin directory.
+    pub fn link_name(hook: Hook, ifname: &str) -> String {
+        format!("{}{ifname}", hook.prefix())
+    }
+
+    /// The hook and interface of a pinned link's file name; `None` for a map.
+    pub fn parse_link_name(name: &str) -> Option<(Hook, String)> {
+        [Hook::Xdp, Hook::Tc].into_iter().find_map(|h| {
+            name.strip_prefix(h.prefix())
+                .filter(|i| !i.is_empty())
+                .map(|i| (h, i.to_string()))
+        })
+    }
+
+    /// Removes `ifname`'s pinned `hook` link from `dir`, detaching it first.
+    pub fn unpin(dir: &Path, hook: Hook, ifname: &str) -> Result<(), BalancerError> {
+        let p = dir.join(link_name(hook, ifname));
+        // Best effort: removing the pin frees the link anyway, only later.
+        let _ = detach_link(&p);
+        std::fs::remove_file(&p)
+            .map_err(|e| BalancerError::Pin(format!("removing {}: {e}", p.display())))
+    }
+
+    /// The index of `ifname` in the calling thread's network namespace.
+    pub fn ifindex_of(ifname: &str) -> Result<u32, BalancerError> {
+        let c = std::ffi::CString::new(ifname)
+            .map_err(|_| BalancerError::Pin(format!("{ifname:?}: NUL in interface name")))?;
+        // SAFETY: `c` is a valid NUL-terminated string for the whole call.
+        let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        if index == 0 {
+            return Err(BalancerError::Pin(format!(
+                "interface {ifname}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(index)
+    }
 
     /// Opens the object pinned at `path` (`BPF_OBJ_GET`).
     fn open_pinned(path: &Path) -> Result<std::os::fd::OwnedFd, BalancerError> {
@@ -877,13 +1131,14 @@ mod pin {
         Ok(())
     }
 
-    /// The interface index of the XDP link pinned at `path`: 0 once its
+    /// The interface index of the `hook` link pinned at `path`: 0 once its
     /// interface is gone (the kernel then keeps a defunct link).
-    pub fn xdp_link_ifindex(path: &Path) -> Result<u32, BalancerError> {
+    pub fn link_ifindex(path: &Path, hook: Hook) -> Result<u32, BalancerError> {
         use std::os::fd::AsRawFd;
         let fd = open_pinned(path)?;
         // struct bpf_link_info: u32 type, id, prog_id, then a union
-        // aligned to 8 whose `xdp.ifindex` is its first u32 (word 4).
+        // aligned to 8 whose `xdp.ifindex` and `tcx.ifindex` are both its
+        // first u32 (word 4).
         #[repr(C, align(8))]
         struct LinkInfo([u32; 64]);
         let mut info = LinkInfo([0; 64]);
@@ -913,10 +1168,11 @@ mod pin {
             return Err(last_err("reading link info of", path));
         }
         let link_type = info.0[0];
-        if link_type != BPF_LINK_TYPE_XDP {
+        if link_type != hook.link_type() {
             return Err(BalancerError::Pin(format!(
-                "{}: not an XDP link (type {link_type})",
-                path.display()
+                "{}: not an {} link (type {link_type})",
+                path.display(),
+                hook.as_str()
             )));
         }
         Ok(info.0[4])
@@ -983,6 +1239,51 @@ pub fn run_xdp(
     })
 }
 
+/// Runs `frame` through the TC program once (BPF_PROG_TEST_RUN); see
+/// [`Balancer::run_tc`]. The action is a TC verdict ([`tc_act`]).
+pub fn run_tc(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> Result<RunResult, BalancerError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let ctx = skb_ctx(ingress_ifindex);
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    if ingress_ifindex != 0 {
+        opts.ctx_in = Some(&ctx);
+    }
+    let r = prog
+        .test_run(opts)
+        .map_err(|source| BalancerError::Program {
+            name: TC_PROGRAM,
+            source,
+        })?;
+    out.truncate(r.data_size_out as usize);
+    Ok(RunResult {
+        action: r.return_value,
+        frame: out,
+        duration: r.duration,
+    })
+}
+
+/// The head of a `struct __sk_buff` for BPF_PROG_TEST_RUN, up to and with
+/// `tc_index` (the kernel zero-fills the rest). Only a few fields may be
+/// non-zero in a test run's context (`convert___skb_to_skb`); `ifindex`
+/// makes the skb's device that interface, so `bpf_fib_lookup` and
+/// `ctx.ifindex()` see it, and `ingress_ifindex` is the skb's `skb_iif`, as
+/// on a real TC ingress. 0 leaves the namespace's loopback as the device.
+fn skb_ctx(ingress_ifindex: u32) -> Vec<u8> {
+    // Word offsets in struct __sk_buff (linux/bpf.h).
+    const INGRESS_IFINDEX: usize = 9;
+    const IFINDEX: usize = 10;
+    let mut words = [0u32; 12];
+    words[INGRESS_IFINDEX] = ingress_ifindex;
+    words[IFINDEX] = ingress_ifindex;
+    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
 fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters, MapError> {
     let per_cpu = map.get(&id, 0)?;
     Ok(per_cpu.iter().fold(Counters::default(), |a, c| Counters {
@@ -990,4 +1291,69 @@ fn sum(map: &PerCpuArray<MapData, Counters>, id: u32) -> Result<Counters, MapErr
         bytes: a.bytes + c.bytes,
         new_flows: a.new_flows + c.new_flows,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_round_trip() {
+        assert_eq!(pin::link_name(pin::Hook::Xdp, "eth0"), "link-eth0");
+        assert_eq!(pin::link_name(pin::Hook::Tc, "veth1"), "tc-veth1");
+        for (hook, ifname) in [(pin::Hook::Xdp, "lb-c"), (pin::Hook::Tc, "tc-x")] {
+            let parsed = pin::parse_link_name(&pin::link_name(hook, ifname));
+            assert_eq!(parsed, Some((hook, ifname.to_string())));
+        }
+        // Maps, and prefixes with no interface, are not links.
+        for name in [maps::SERVICES, maps::CONNTRACK, "link-", "tc-", "tcx-a"] {
+            assert_eq!(pin::parse_link_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn pinned_links_lists_both_hooks_once() {
+        let dir = tempfile_dir();
+        for f in ["link-a", "tc-b", "link-c", "tc-c", maps::SERVICES] {
+            std::fs::write(dir.join(f), b"").unwrap();
+        }
+        assert_eq!(pinned_links(&dir), ["a", "b", "c"]);
+        assert!(has_pinned_tc_link(&dir, "b") && !has_pinned_tc_link(&dir, "a"));
+        // Plain files: nothing to detach, but the pins go (both of c's).
+        unpin_link(&dir, "c").unwrap();
+        assert_eq!(pinned_links(&dir), ["a", "b"]);
+        let e = unpin_link(&dir, "c").unwrap_err().to_string();
+        assert!(e.contains("no link of c"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn skb_ctx_sets_only_the_device_fields() {
+        let ctx = skb_ctx(7);
+        assert_eq!(ctx.len(), 48);
+        let words: Vec<u32> = ctx
+            .chunks(4)
+            .map(|c| u32::from_ne_bytes(c.try_into().unwrap()))
+            .collect();
+        // ingress_ifindex (offset 36) and ifindex (offset 40), nothing else.
+        let set: Vec<(usize, u32)> = words
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, w)| *w != 0)
+            .collect();
+        assert_eq!(set, [(9, 7), (10, 7)]);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "headroom-loader-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 }

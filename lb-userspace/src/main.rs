@@ -154,7 +154,7 @@ fn lb_detach(file: &std::path::Path) -> Result<()> {
             config.name
         ),
         Ok(Some(d)) => println!(
-            "detached balancer {:?}: XDP removed from [{}], {} pinned maps and {} removed",
+            "detached balancer {:?}: removed from [{}], {} pinned maps and {} removed",
             config.name,
             d.links.join(", "),
             d.maps.len(),

@@ -154,7 +154,7 @@ fn run() -> Result<()> {
     let stderr = read_stderr(&mut child);
     ensure!(status.success(), "exit after SIGTERM: {status}: {stderr}");
     ensure!(
-        stderr.contains("XDP stays attached"),
+        stderr.contains("the balancer stays attached"),
         "no word that XDP stays: {stderr}"
     );
     for i in &ifaces {

@@ -16,6 +16,11 @@
 //! `VIP:80`. dsr: the backends own the VIP and answer as the VIP; their
 //! replies cross the balancer namespace's kernel forwarding untouched.
 //!
+//! With [`Hook::Tc`] the balancer runs on the TC ingress hook (tcx links,
+//! `Balancer::attach_tc`) of its veths instead: the peers run nothing and
+//! keep Linux's offload defaults (TX checksum offload and TSO on), as a
+//! container's veth would.
+//!
 //! Everything is torn down on drop, also when a test panics: servers stop,
 //! XDP detaches, namespaces (and the veths inside them) are deleted.
 
@@ -100,6 +105,82 @@ fn lb_backend_if(i: usize) -> String {
 /// Name of backend `i`: what its server puts first in every reply.
 pub fn backend_name(i: usize) -> String {
     format!("backend-{i}")
+}
+
+/// The port of the bulk echo service on the VIP ([`Topology::start_bulk`]).
+pub const BULK_VIP_PORT: u16 = 81;
+/// The backends' port of the bulk echo service in nat mode (dsr: the VIP's).
+pub const BULK_BACKEND_PORT: u16 = 8081;
+/// Service id of the bulk echo service.
+pub const BULK_SERVICE_ID: u32 = 1;
+
+/// Backend id of backend `i` in the bulk echo service (its own ids: the
+/// port differs from the main service's).
+pub fn bulk_backend_id(i: usize) -> u32 {
+    128 + i as u32
+}
+
+/// Where the balancer runs on the balancer namespace's interfaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hook {
+    /// XDP, native mode. The peers run the pass program (redirected frames
+    /// need NAPI there) and send with TX checksum offload off.
+    #[default]
+    Xdp,
+    /// TC ingress (tcx links). Nothing on the peers, offloads as Linux
+    /// sets them.
+    Tc,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "xdp",
+            Hook::Tc => "tc",
+        })
+    }
+}
+
+/// Offload features of an interface, as `ethtool -k` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offloads {
+    /// `tx-checksumming`.
+    pub tx_checksum: bool,
+    /// `tcp-segmentation-offload`.
+    pub tso: bool,
+}
+
+impl Offloads {
+    /// Reads them for `ifname` in `ns`.
+    pub fn read(ns: &Netns, ifname: &str) -> Result<Self> {
+        let out = ns.exec(&["ethtool", "-k", ifname])?;
+        Self::parse(&out).with_context(|| format!("`ethtool -k {ifname}` in {}", ns.name()))
+    }
+
+    fn parse(text: &str) -> Result<Self> {
+        let on = |feature: &str| -> Result<bool> {
+            let line = text
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{feature}:")))
+                .with_context(|| format!("no {feature} line"))?;
+            Ok(line
+                .split_once(':')
+                .is_some_and(|(_, v)| v.trim_start().starts_with("on")))
+        };
+        Ok(Offloads {
+            tx_checksum: on("tx-checksumming")?,
+            tso: on("tcp-segmentation-offload")?,
+        })
+    }
+}
+
+/// What a bulk transfer saw ([`Topology::send_bulk`]).
+#[derive(Clone, Copy, Debug)]
+pub struct BulkRun {
+    /// Bytes sent, and echoed back identical.
+    pub bytes: u64,
+    /// Wall time of the transfer.
+    pub elapsed: Duration,
 }
 
 /// Forwarding mode of the service.
@@ -286,8 +367,10 @@ impl TcpStats {
 /// balancer detaches its programs, then the namespaces go.
 pub struct Topology {
     servers: Vec<EchoServer>,
+    bulk_servers: Vec<EchoServer>,
     lb: Balancer,
     mode: Mode,
+    hook: Hook,
     client: Netns,
     balancer: Netns,
     backends: Vec<Netns>,
@@ -300,7 +383,12 @@ impl Topology {
     /// `0..backends`) and starts their servers. The service is not
     /// published yet: see [`Topology::publish`].
     pub fn new(mode: Mode, backends: usize) -> Result<Self> {
-        Self::build(mode, backends, true)
+        Self::build(mode, backends, true, Hook::Xdp)
+    }
+
+    /// Like [`Topology::new`], with the balancer on `hook`.
+    pub fn with_hook(mode: Mode, backends: usize, hook: Hook) -> Result<Self> {
+        Self::build(mode, backends, true, hook)
     }
 
     /// Like [`Topology::new`], but the balancer namespace's interfaces
@@ -310,10 +398,17 @@ impl Topology {
     /// frames need it), and the servers run. [`Topology::lb`] and
     /// [`Topology::counters`] then see an idle balancer, not the daemon's.
     pub fn new_for_daemon(mode: Mode, backends: usize) -> Result<Self> {
-        Self::build(mode, backends, false)
+        Self::build(mode, backends, false, Hook::Xdp)
     }
 
-    fn build(mode: Mode, backends: usize, attach: bool) -> Result<Self> {
+    /// Like [`Topology::new_for_daemon`], for a daemon attaching on `hook`:
+    /// with [`Hook::Tc`] (interfaces with `mode = "tc"`) the peers run no
+    /// program and keep their offloads.
+    pub fn for_daemon_with_hook(mode: Mode, backends: usize, hook: Hook) -> Result<Self> {
+        Self::build(mode, backends, false, hook)
+    }
+
+    fn build(mode: Mode, backends: usize, attach: bool, hook: Hook) -> Result<Self> {
         ensure!(
             (1..=MAX_BACKENDS).contains(&backends),
             "a topology holds 1..={MAX_BACKENDS} backends, not {backends}"
@@ -337,24 +432,32 @@ impl Topology {
         // checksum is left for "hardware" (CHECKSUM_PARTIAL). That promise
         // lives in skb metadata, which XDP_REDIRECT drops: the frame would
         // arrive with a bad checksum. Real NICs deliver complete checksums,
-        // so make the senders compute them.
-        disable_tx_checksum(&client, CLIENT_IF)?;
-        for ns in &nodes {
-            disable_tx_checksum(ns, BACKEND_IF)?;
+        // so make the senders compute them. TC keeps the skb, and the mark.
+        if hook == Hook::Xdp {
+            disable_tx_checksum(&client, CLIENT_IF)?;
+            for ns in &nodes {
+                disable_tx_checksum(ns, BACKEND_IF)?;
+            }
         }
         pin_neighbours(&balancer, &client, &nodes)?;
 
         let mut lb = load_balancer()?;
         if attach {
-            attach_balancer(&mut lb, &balancer, &balancer_ifs(backends))?;
+            match hook {
+                Hook::Xdp => attach_balancer(&mut lb, &balancer, &balancer_ifs(backends))?,
+                Hook::Tc => attach_balancer_tc(&mut lb, &balancer, &balancer_ifs(backends))?,
+            }
         }
         // A veth only takes XDP_REDIRECTed frames if its peer runs NAPI,
         // which an XDP program (or GRO) turns on. We attach the pass
         // program: it also keeps the receiving side the same in both
-        // directions and in every mode.
-        attach_pass(&mut lb, &client, CLIENT_IF)?;
-        for ns in &nodes {
-            attach_pass(&mut lb, ns, BACKEND_IF)?;
+        // directions and in every mode. bpf_redirect from TC hands the skb
+        // to the veth's own transmit, which needs nothing on the peer.
+        if hook == Hook::Xdp {
+            attach_pass(&mut lb, &client, CLIENT_IF)?;
+            for ns in &nodes {
+                attach_pass(&mut lb, ns, BACKEND_IF)?;
+            }
         }
         for i in (0..backends).filter(|_| attach) {
             let b = backend(IpAddr::V4(backend_addr(i)), mode.server_port());
@@ -368,8 +471,10 @@ impl Topology {
         }
         Ok(Topology {
             servers,
+            bulk_servers: Vec::new(),
             lb,
             mode,
+            hook,
             client,
             balancer,
             backends: nodes,
@@ -412,6 +517,125 @@ impl Topology {
     /// each backend.
     pub fn balancer_interfaces(&self) -> Vec<String> {
         balancer_ifs(self.backends.len())
+    }
+
+    /// Registers every backend for a second service, `VIP:BULK_VIP_PORT`
+    /// (backend ids [`bulk_backend_id`], equal weights, service id
+    /// [`BULK_SERVICE_ID`]), and starts on each backend a server that
+    /// echoes every byte it reads, for [`Topology::send_bulk`].
+    pub fn start_bulk(&mut self) -> Result<()> {
+        ensure!(
+            self.bulk_servers.is_empty(),
+            "the bulk service runs already"
+        );
+        let port = self.bulk_server_port();
+        let keys: Vec<String> = (0..self.backends.len())
+            .map(|i| format!("{}:{port}", backend_addr(i)))
+            .collect();
+        let mut members = Vec::with_capacity(keys.len());
+        for (i, key) in keys.iter().enumerate() {
+            let id = bulk_backend_id(i);
+            self.lb
+                .set_backend(id, backend(IpAddr::V4(backend_addr(i)), port))
+                .with_context(|| format!("registering bulk backend id {id}"))?;
+            members.push(MaglevBackend {
+                key: key.as_bytes(),
+                id,
+                weight: 1,
+            });
+        }
+        let table = maglev::build(&members, TABLE_SIZE).context("building the bulk table")?;
+        let key = service_key(IpAddr::V4(VIP), BULK_VIP_PORT, PROTO_TCP);
+        self.lb
+            .publish(key, BULK_SERVICE_ID, self.mode.raw(), &table)
+            .context("publishing the bulk service")?;
+        for (i, ns) in self.backends.iter().enumerate() {
+            self.bulk_servers.push(EchoServer::start_with(
+                ns,
+                format!("bulk-{i}"),
+                port,
+                Reply::Mirror,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The port the bulk servers listen on: dsr keeps the VIP's port.
+    fn bulk_server_port(&self) -> u16 {
+        match self.mode {
+            Mode::Nat => BULK_BACKEND_PORT,
+            Mode::Dsr => BULK_VIP_PORT,
+        }
+    }
+
+    /// Sends `bytes` pseudo-random bytes from the client through
+    /// `VIP:BULK_VIP_PORT` over one TCP connection while reading the echo,
+    /// and checks that every byte came back identical and in order. Fails on
+    /// a mismatch, a reset, or when `timeout` passes (every read and write
+    /// has it too). Needs [`Topology::start_bulk`].
+    pub fn send_bulk(&self, bytes: u64, timeout: Duration) -> Result<BulkRun> {
+        ensure!(!self.bulk_servers.is_empty(), "start_bulk first");
+        let vip = SocketAddr::from((VIP, BULK_VIP_PORT));
+        let stream = {
+            let _inside = self.client.enter_thread()?;
+            TcpStream::connect_timeout(&vip, timeout)
+                .with_context(|| format!("connecting to {vip}"))?
+        };
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let start = Instant::now();
+        let mut writer = stream.try_clone().context("cloning the bulk socket")?;
+        let sender = thread::Builder::new()
+            .name("bulk-sender".into())
+            .spawn(move || -> io::Result<()> {
+                let mut gen = BulkBytes::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(buf.len() as u64) as usize;
+                    gen.fill(&mut buf[..n]);
+                    writer.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                writer.shutdown(Shutdown::Write)
+            })
+            .context("starting the bulk sender")?;
+        let received = check_echo(&stream, bytes, start + timeout);
+        let sent = sender
+            .join()
+            .map_err(|_| anyhow!("the bulk sender panicked"))?;
+        let received = received.context("reading the echo")?;
+        sent.context("sending")?;
+        ensure!(
+            received == bytes,
+            "{received} of {bytes} bytes came back before the end of the stream"
+        );
+        Ok(BulkRun {
+            bytes,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// Calls `f` with the balancer from a thread inside the balancer's
+    /// namespace (test runs resolve interface indexes there).
+    pub fn in_balancer_ns<T>(&mut self, f: impl FnOnce(&mut Balancer) -> T) -> Result<T> {
+        let _inside = self.balancer.enter_thread()?;
+        Ok(f(&mut self.lb))
+    }
+
+    /// Where the balancer runs.
+    pub fn hook(&self) -> Hook {
+        self.hook
+    }
+
+    /// The client's interface, towards the balancer.
+    pub fn client_interface(&self) -> &'static str {
+        CLIENT_IF
+    }
+
+    /// Each backend's interface, towards the balancer (in its namespace).
+    pub fn backend_interface(&self) -> &'static str {
+        BACKEND_IF
     }
 
     /// The forwarding mode the topology was built for.
@@ -531,6 +755,67 @@ impl Topology {
             out.push((backend_name(i), TcpStats::read(ns)?));
         }
         Ok(out)
+    }
+}
+
+/// The bulk transfer's content: a xorshift stream, so a dropped, repeated
+/// or corrupted byte shows at its offset.
+struct BulkBytes(u64);
+
+impl BulkBytes {
+    fn new() -> Self {
+        BulkBytes(0x9e37_79b9_7f4a_7c15)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+/// Reads the echo of a bulk transfer of `bytes` to its end and compares it
+/// with what was sent. Returns the bytes read.
+fn check_echo(mut stream: &TcpStream, bytes: u64, deadline: Instant) -> Result<u64> {
+    let mut expected = BulkBytes::new();
+    // Chunks of 8 keep the generator aligned whatever the reads return.
+    let mut want = [0u8; 8];
+    let mut want_len = 0usize;
+    let mut want_pos = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        ensure!(
+            Instant::now() < deadline,
+            "only {total} of {bytes} bytes echoed in time"
+        );
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        for &b in &buf[..n] {
+            if want_pos == want_len {
+                let left = (bytes - total).min(8) as usize;
+                ensure!(left > 0, "more than the {bytes} bytes sent came back");
+                expected.fill(&mut want[..left]);
+                // The sender fills whole 64 KiB writes in chunks of 8: only
+                // its very last chunk is short, as is ours.
+                want_len = left;
+                want_pos = 0;
+            }
+            ensure!(
+                b == want[want_pos],
+                "byte {total} came back as {b:#04x}, {:#04x} was sent",
+                want[want_pos]
+            );
+            want_pos += 1;
+            total += 1;
+        }
     }
 }
 
@@ -692,6 +977,22 @@ fn attach_balancer(lb: &mut Balancer, ns: &Netns, ifnames: &[String]) -> Result<
     Ok(())
 }
 
+/// Attaches the balancer's TC program to the ingress of `ifnames` of `ns`.
+fn attach_balancer_tc(lb: &mut Balancer, ns: &Netns, ifnames: &[String]) -> Result<()> {
+    let indexes = ifnames
+        .iter()
+        .map(|n| ns.ifindex(n))
+        .collect::<Result<Vec<_>>>()?;
+    // The tcx link resolves names and indexes in the calling thread's
+    // namespace.
+    let _inside = ns.enter_thread()?;
+    for (name, &ifindex) in ifnames.iter().zip(&indexes) {
+        lb.attach_tc(name, ifindex)
+            .with_context(|| format!("attaching the TC balancer to {name} in {}", ns.name()))?;
+    }
+    Ok(())
+}
+
 /// Attaches the pass program in native mode to `ifname` of `ns`.
 fn attach_pass(lb: &mut Balancer, ns: &Netns, ifname: &str) -> Result<()> {
     let ifindex = ns.ifindex(ifname)?;
@@ -702,8 +1003,19 @@ fn attach_pass(lb: &mut Balancer, ns: &Netns, ifname: &str) -> Result<()> {
     Ok(())
 }
 
+/// How an [`EchoServer`] answers a connection.
+#[derive(Clone, Copy, Debug)]
+enum Reply {
+    /// Reads the request to its end (at most `MAX_MESSAGE`), answers
+    /// `NAME\nREQUEST`.
+    Named,
+    /// Writes back every byte as it arrives, whatever the length.
+    Mirror,
+}
+
 /// A TCP server in a backend namespace: reads a request to its end, answers
-/// `NAME\nREQUEST` and closes. One thread per connection. Stopped on drop.
+/// `NAME\nREQUEST` and closes (or mirrors a bulk stream, [`Reply::Mirror`]).
+/// One thread per connection. Stopped on drop.
 struct EchoServer {
     listener: Arc<TcpListener>,
     served: Arc<AtomicU64>,
@@ -715,6 +1027,11 @@ impl EchoServer {
     /// Listens on `0.0.0.0:port` inside `ns`. Listening before returning
     /// means clients never race the server's start.
     fn start(ns: &Netns, name: String, port: u16) -> Result<Self> {
+        Self::start_with(ns, name, port, Reply::Named)
+    }
+
+    /// Like [`EchoServer::start`], answering as `reply` says.
+    fn start_with(ns: &Netns, name: String, port: u16, reply: Reply) -> Result<Self> {
         let listener = {
             // A socket stays in the namespace it was created in, whichever
             // thread uses it later.
@@ -729,7 +1046,7 @@ impl EchoServer {
             let (listener, served, stop) = (listener.clone(), served.clone(), stop.clone());
             thread::Builder::new()
                 .name(format!("{name}-server"))
-                .spawn(move || serve(&listener, &name, &served, &stop))
+                .spawn(move || serve(&listener, &name, reply, &served, &stop))
                 .context("starting a server thread")?
         };
         Ok(EchoServer {
@@ -757,7 +1074,7 @@ impl Drop for EchoServer {
 }
 
 /// Accept loop; returns when `stop` is set (after the open connections end).
-fn serve(listener: &TcpListener, name: &str, served: &AtomicU64, stop: &AtomicBool) {
+fn serve(listener: &TcpListener, name: &str, reply: Reply, served: &AtomicU64, stop: &AtomicBool) {
     thread::scope(|s| loop {
         let accepted = listener.accept();
         if stop.load(Ordering::SeqCst) {
@@ -766,7 +1083,11 @@ fn serve(listener: &TcpListener, name: &str, served: &AtomicU64, stop: &AtomicBo
         match accepted {
             Ok((stream, _)) => {
                 s.spawn(move || {
-                    if let Err(e) = answer(stream, name, served) {
+                    let answered = match reply {
+                        Reply::Named => answer(stream, name, served),
+                        Reply::Mirror => mirror(stream, served),
+                    };
+                    if let Err(e) = answered {
                         eprintln!("{name}: {e}");
                     }
                 });
@@ -793,6 +1114,24 @@ fn answer(mut stream: TcpStream, name: &str, served: &AtomicU64) -> io::Result<(
     let mut reply = format!("{name}\n").into_bytes();
     reply.extend_from_slice(&request);
     stream.write_all(&reply)
+}
+
+/// Writes back everything read, until the client half-closes.
+fn mirror(mut stream: TcpStream, served: &AtomicU64) -> io::Result<()> {
+    // Bulk transfers take longer than a request: a stall of this long is
+    // a failure all the same.
+    stream.set_read_timeout(Some(SERVER_IO_TIMEOUT * 6))?;
+    stream.set_write_timeout(Some(SERVER_IO_TIMEOUT * 6))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        stream.write_all(&buf[..n])?;
+    }
+    served.fetch_add(1, Ordering::SeqCst);
+    stream.shutdown(Shutdown::Write)
 }
 
 /// Deletes, when dropped, the namespaces it tracks that still exist.
@@ -839,6 +1178,33 @@ pub fn scoreboard_daemon_config(
     service: &str,
     mode: &str,
 ) -> String {
+    scoreboard_daemon_config_on(
+        name,
+        metrics_listen,
+        redis_url,
+        refresh,
+        ttl,
+        interfaces,
+        "native",
+        service,
+        mode,
+    )
+}
+
+/// [`scoreboard_daemon_config`] with the interfaces' `attach_mode`
+/// (`native`, `tc`, ...).
+#[allow(clippy::too_many_arguments)] // one test knob each, named at the call
+pub fn scoreboard_daemon_config_on(
+    name: &str,
+    metrics_listen: Option<std::net::SocketAddr>,
+    redis_url: &str,
+    refresh: Duration,
+    ttl: Duration,
+    interfaces: &[String],
+    attach_mode: &str,
+    service: &str,
+    mode: &str,
+) -> String {
     let listen = metrics_listen.map_or(String::new(), |a| format!("metrics_listen = \"{a}\"\n"));
     let mut text = format!(
         "name = \"{name}\"\n{listen}\n[scoreboard]\nredis_url = \"{redis_url}\"\n\
@@ -851,7 +1217,7 @@ pub fn scoreboard_daemon_config(
     );
     for i in interfaces {
         text.push_str(&format!(
-            "[[group.interface]]\nname = \"{i}\"\nmode = \"native\"\n"
+            "[[group.interface]]\nname = \"{i}\"\nmode = \"{attach_mode}\"\n"
         ));
     }
     text.push_str(&format!(
@@ -882,6 +1248,35 @@ mod tests {
             }
         );
         assert_eq!(s.since(&s), TcpStats::default());
+    }
+
+    #[test]
+    fn offloads_parse() {
+        let text = "Features for c-lb:\nrx-checksumming: on\ntx-checksumming: on\n\
+            \ttx-checksum-ipv4: off [fixed]\nscatter-gather: on\n\
+            tcp-segmentation-offload: off\n\ttx-tcp-segmentation: off\n";
+        let o = Offloads::parse(text).expect("parse");
+        assert_eq!(
+            o,
+            Offloads {
+                tx_checksum: true,
+                tso: false
+            }
+        );
+        assert!(Offloads::parse("rx-checksumming: on\n").is_err());
+    }
+
+    #[test]
+    fn bulk_bytes_check_catches_a_changed_byte() {
+        let mut gen = BulkBytes::new();
+        let mut a = vec![0u8; 100];
+        gen.fill(&mut a[..64]);
+        gen.fill(&mut a[64..]);
+        // Filled in one go or in parts of multiples of 8: the same stream.
+        let mut b = vec![0u8; 100];
+        BulkBytes::new().fill(&mut b);
+        assert_eq!(a, b);
+        assert_ne!(a[..8], a[8..16]);
     }
 
     #[test]

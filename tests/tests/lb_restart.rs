@@ -147,8 +147,8 @@ fn restart_keeps_streams(mode: Mode) -> Result<()> {
             // 1. SIGTERM, then ~1 s without any daemon.
             daemon.terminate()?;
             ensure!(
-                daemon.log().contains("XDP stays attached"),
-                "no 'XDP stays attached' logged on stop:\n{}",
+                daemon.log().contains("the balancer stays attached"),
+                "no 'the balancer stays attached' logged on stop:\n{}",
                 daemon.log()
             );
             ensure!(

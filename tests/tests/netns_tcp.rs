@@ -7,14 +7,26 @@
 //! backends serve a fair share; the balancer's counters agree with what the
 //! client and the servers saw, and in nat mode every reply crossed the XDP
 //! reverse-NAT path.
+//!
+//! The same for the TC hook (`mode = "tc"`, tcx ingress links on the
+//! balancer's veths, nothing on the peers, offloads at Linux's defaults),
+//! plus what only TC makes possible: a 16 MiB stream through the VIP and
+//! back with TX checksum offload and TSO on, every byte echoed intact,
+//! crossing the balancer as GSO super-packets whose checksums the program
+//! rewrote.
 use std::{
     sync::{atomic::AtomicBool, Mutex, PoisonError},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
+use headroom::loader::tc_act;
 use headroom_tests::{
+    packets::{assert_checksums, Desc, SYN, XDP_REDIRECT},
     require_root,
-    topology::{backend_name, ClientLimits, LbCounters, Mode, TcpStats, Topology},
+    topology::{
+        backend_addr, backend_name, bulk_backend_id, ClientLimits, Hook, LbCounters, Mode,
+        Offloads, TcpStats, Topology, BACKEND_PORT, CLIENT_ADDR, VIP, VIP_PORT,
+    },
 };
 use lb_common::{counter, flow_hash};
 
@@ -37,7 +49,7 @@ fn root_tcp_through_vip_nat() {
     if !require_root("root_tcp_through_vip_nat") {
         return;
     }
-    check_mode(Mode::Nat);
+    check_mode(Mode::Nat, Hook::Xdp);
 }
 
 #[test]
@@ -45,14 +57,215 @@ fn root_tcp_through_vip_dsr() {
     if !require_root("root_tcp_through_vip_dsr") {
         return;
     }
-    check_mode(Mode::Dsr);
+    check_mode(Mode::Dsr, Hook::Xdp);
 }
 
-/// Builds the topology for `mode`, runs the connections and checks them.
-fn check_mode(mode: Mode) {
+#[test]
+fn root_tcp_through_vip_nat_tc() {
+    if !require_root("root_tcp_through_vip_nat_tc") {
+        return;
+    }
+    check_mode(Mode::Nat, Hook::Tc);
+}
+
+#[test]
+fn root_tcp_through_vip_dsr_tc() {
+    if !require_root("root_tcp_through_vip_dsr_tc") {
+        return;
+    }
+    check_mode(Mode::Dsr, Hook::Tc);
+}
+
+/// Bytes of the bulk transfer (each way).
+const BULK_BYTES: u64 = 16 << 20;
+/// TCP payload of one full-sized segment on a 1500-byte link (IPv4,
+/// timestamps on): what a frame carries without GSO.
+const MSS: u64 = 1448;
+
+#[test]
+fn root_tc_bulk_with_offloads_arrives_intact_as_gso() {
+    if !require_root("root_tc_bulk_with_offloads_arrives_intact_as_gso") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut topo =
+        Topology::with_hook(Mode::Nat, BACKENDS, Hook::Tc).expect("building the topology");
+    topo.publish(&[1; BACKENDS])
+        .expect("publishing the service");
+    topo.start_bulk().expect("starting the bulk service");
+    // The senders of both directions keep Linux's offloads: their TCP hands
+    // the veth 64 KiB skbs with partial checksums.
+    let mut senders = vec![(
+        "client".to_string(),
+        topo.client_ns(),
+        topo.client_interface(),
+    )];
+    senders.extend((0..BACKENDS).map(|i| {
+        (
+            backend_name(i),
+            topo.backend_ns(i),
+            topo.backend_interface(),
+        )
+    }));
+    for (who, ns, ifname) in senders {
+        let o = Offloads::read(ns, ifname).expect("ethtool -k");
+        assert!(
+            o.tx_checksum && o.tso,
+            "{who}'s {ifname} has offloads {o:?}: the test needs TX checksum offload and TSO on"
+        );
+    }
+
+    let lb_before = topo.counters().expect("balancer counters");
+    let tcp_before = topo.tcp_stats().expect("TCP counters");
+    let run = match topo.send_bulk(BULK_BYTES, Duration::from_secs(60)) {
+        Ok(r) => r,
+        Err(e) => {
+            let lb = topo.counters().map(|c| c.since(&lb_before).summary());
+            panic!("bulk transfer: {e:#}\nbalancer counters: {lb:?}");
+        }
+    };
+    let lb = topo
+        .counters()
+        .expect("balancer counters")
+        .since(&lb_before);
+    let tcp_after = topo.tcp_stats().expect("TCP counters");
+    let mut bulk = Vec::new();
+    for i in 0..BACKENDS {
+        bulk.push(
+            topo.lb()
+                .backend_counters(bulk_backend_id(i))
+                .expect("bulk backend counters"),
+        );
+    }
+    eprintln!(
+        "tc bulk: {} MiB each way in {:.2?} ({:.0} Mbit/s each way)",
+        run.bytes >> 20,
+        run.elapsed,
+        run.bytes as f64 * 8.0 / run.elapsed.as_secs_f64() / 1e6
+    );
+    eprintln!("tc bulk: balancer counters: {}", lb.summary());
+    eprintln!("tc bulk: bulk backends' counters: {bulk:?}");
+    for ((name, after), (_, before)) in tcp_after.iter().zip(&tcp_before) {
+        let d = after.since(before);
+        eprintln!("tc bulk: {name} TCP: {d:?}");
+        assert_eq!(
+            (d.out_rsts, d.estab_resets, d.attempt_fails),
+            (0, 0, 0),
+            "{name}: (OutRsts, EstabResets, AttemptFails) during the bulk transfer"
+        );
+    }
+
+    // One flow, on one backend, which counted every byte sent to it.
+    let served: Vec<_> = bulk.iter().filter(|c| c.new_flows > 0).collect();
+    assert_eq!(served.len(), 1, "bulk flows per backend: {bulk:?}");
+    let c = served[0];
+    assert_eq!(c.new_flows, 1, "{c:?}");
+    assert!(
+        c.bytes >= BULK_BYTES,
+        "the balancer counted {} bytes towards the backend, {BULK_BYTES} were sent",
+        c.bytes
+    );
+    // Full-sized segments alone would be BULK_BYTES / MSS packets; far
+    // fewer crossed the program: GSO super-packets, whose checksums it
+    // rewrote as partial ones (the echo proves them right).
+    let segments = BULK_BYTES / MSS;
+    assert!(
+        c.packets < segments / 2,
+        "{} packets towards the backend for {segments} MSS-sized segments: no GSO super-packets",
+        c.packets
+    );
+    // The echo came back through the reverse NAT, as super-packets too.
+    let replies = lb.get(counter::NAT_REPLY);
+    assert!(
+        replies > 0 && replies < segments / 2,
+        "{replies} nat replies for {segments} MSS-sized segments of echo: {}",
+        lb.summary()
+    );
+    for k in [
+        counter::DROP_NO_BACKEND,
+        counter::DROP_REDIRECT,
+        counter::PASS_FIB,
+        counter::MISS_NON_SYN,
+    ] {
+        assert_eq!(
+            lb.get(k),
+            0,
+            "{} in {}",
+            counter::NAMES[k as usize],
+            lb.summary()
+        );
+    }
+}
+
+/// `Balancer::run_tc` runs a frame through the TC program as if it came in
+/// on an interface (BPF_PROG_TEST_RUN with an `__sk_buff` naming it): a SYN
+/// to the VIP on the balancer's client link leaves nat-rewritten towards
+/// the backend its flow entry names, with valid checksums and the backend's
+/// MAC, redirected (`TC_ACT_REDIRECT`); the XDP program turns the same
+/// frame into the same bytes.
+#[test]
+fn root_run_tc_forwards_a_syn_like_xdp() {
+    if !require_root("root_run_tc_forwards_a_syn_like_xdp") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut topo =
+        Topology::with_hook(Mode::Nat, BACKENDS, Hook::Tc).expect("building the topology");
+    topo.publish(&[1; BACKENDS])
+        .expect("publishing the service");
+    let lb_ifs = topo.balancer_interfaces();
+    let lb_ns = topo.balancer_ns();
+    let ingress = lb_ns.ifindex(&lb_ifs[0]).expect("ifindex");
+    let mut syn = Desc::tcp(VIP.into(), 40_000, VIP_PORT, SYN);
+    syn.src = CLIENT_ADDR.into();
+    syn.src_mac = topo
+        .client_ns()
+        .mac(topo.client_interface())
+        .expect("client MAC");
+    syn.dst_mac = lb_ns.mac(&lb_ifs[0]).expect("balancer MAC");
+    let backend_macs: Vec<[u8; 6]> = (0..BACKENDS)
+        .map(|i| {
+            topo.backend_ns(i)
+                .mac(topo.backend_interface())
+                .expect("MAC")
+        })
+        .collect();
+    let frame = syn.frame();
+    let (tc, xdp) = topo
+        .in_balancer_ns(|lb| {
+            let tc = lb.run_tc(&frame, ingress).expect("run_tc");
+            let xdp = lb.run(&frame, ingress).expect("run");
+            (tc, xdp)
+        })
+        .expect("entering the balancer namespace");
+    assert_eq!(tc.action, tc_act::REDIRECT, "TC verdict");
+    assert_eq!(xdp.action, XDP_REDIRECT, "XDP verdict");
+    let k = (0..BACKENDS)
+        .find(|&i| tc.frame[..6] == backend_macs[i])
+        .unwrap_or_else(|| panic!("TC sent the SYN to MAC {:02x?}", &tc.frame[..6]));
+    let mut expected = syn.clone();
+    expected.src_mac = topo.balancer_ns().mac(&lb_ifs[1 + k]).expect("MAC");
+    expected.dst_mac = backend_macs[k];
+    expected.dst = backend_addr(k).into();
+    expected.set_dport(BACKEND_PORT);
+    assert_eq!(tc.frame, expected.frame(), "TC output for backend {k}");
+    assert_checksums(&tc.frame).expect("TC output checksums");
+    assert_eq!(xdp.frame, tc.frame, "XDP and TC outputs differ");
+    let flows = topo.flows().expect("connection table");
+    assert!(
+        flows
+            .iter()
+            .any(|(key, b)| *b == k as u32 && u16::from_be(key.sport) == 40_000),
+        "no flow entry on backend {k}: {flows:?}"
+    );
+}
+
+/// Builds the topology for `mode` on `hook`, runs the connections and
+/// checks them.
+fn check_mode(mode: Mode, hook: Hook) {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
-    let mut topo = Topology::new(mode, BACKENDS).expect("building the topology");
+    let mut topo = Topology::with_hook(mode, BACKENDS, hook).expect("building the topology");
     let table = topo
         .publish(&[1; BACKENDS])
         .expect("publishing the service");

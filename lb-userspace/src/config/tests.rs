@@ -364,3 +364,31 @@ fn load_reports_the_path_of_an_unreadable_file() {
     assert!(matches!(e, ConfigError::Read { .. }));
     assert!(e.to_string().contains("/nonexistent/headroom.toml"), "{e}");
 }
+
+#[test]
+fn tc_attach_mode_is_accepted_and_listed_in_errors() {
+    let with_mode = |m: &str| {
+        MINIMAL.replace(
+            "name = \"eth0\"",
+            &format!("name = \"eth0\"\nmode = \"{m}\""),
+        )
+    };
+    let c = Config::from_str(&with_mode("tc")).unwrap();
+    let mode = c.groups[0].interfaces[0].mode;
+    assert_eq!(mode, AttachMode::Tc);
+    assert!(mode.is_tc());
+    assert!(!AttachMode::Native.is_tc() && !AttachMode::Auto.is_tc());
+    assert!(
+        c.summary().contains("interfaces eth0 (tc)"),
+        "{}",
+        c.summary()
+    );
+    // A near miss names the field and lists every mode, tc included.
+    let e = field_err(&with_mode("tcx"));
+    assert_eq!(e.path, "group[0].interface[0].mode");
+    assert!(
+        e.reason
+            .contains("unknown variant `tcx`, expected one of `native`, `generic`, `auto`, `tc`"),
+        "{e}"
+    );
+}

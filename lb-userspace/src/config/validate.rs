@@ -269,7 +269,7 @@ fn groups(c: &Config, e: &mut Errors) {
             match interface_name(&i.name) {
                 Err(reason) => e.push(ip, reason),
                 Ok(()) => {
-                    // One interface carries one XDP program: listing it twice,
+                    // One interface carries one balancer program: listing it twice,
                     // even in two groups, is a mistake.
                     if let Some(first) = seen.interfaces.insert(i.name.clone(), ip.clone()) {
                         e.push(

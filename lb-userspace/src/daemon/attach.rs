@@ -5,7 +5,9 @@
 //! onto the interfaces: the balancer is loaded pinned, so an interface with
 //! a link pinned by an earlier run gets the new program on that link
 //! atomically (it never runs without the balancer), any other is attached
-//! and its link pinned. Links outlive the daemon; [`detach_pinned`]
+//! and its link pinned. Interfaces with `mode = "tc"` get the TC program on
+//! their tcx ingress hook, the others XDP; an interface whose mode changed
+//! loses the other hook's link. Links outlive the daemon; [`detach_pinned`]
 //! (`headroom lb detach`) removes them.
 
 use std::{collections::BTreeSet, ffi::CString, path::Path, process::Command};
@@ -39,13 +41,15 @@ pub struct Attachment {
     pub interfaces: Vec<Attached>,
 }
 
-/// The aya mode for a configured mode: `auto` lets the kernel choose
-/// (native where the driver supports it, else generic).
-pub fn xdp_mode(mode: AttachMode) -> XdpMode {
+/// The aya XDP mode for a configured mode (`auto` lets the kernel choose:
+/// native where the driver supports it, else generic); `None` for `tc`,
+/// which is not XDP.
+pub fn xdp_mode(mode: AttachMode) -> Option<XdpMode> {
     match mode {
-        AttachMode::Native => XdpMode::Driver,
-        AttachMode::Generic => XdpMode::Skb,
-        AttachMode::Auto => XdpMode::Default,
+        AttachMode::Native => Some(XdpMode::Driver),
+        AttachMode::Generic => Some(XdpMode::Skb),
+        AttachMode::Auto => Some(XdpMode::Default),
+        AttachMode::Tc => None,
     }
 }
 
@@ -87,7 +91,7 @@ pub fn attach_or_reuse(lb: &mut Balancer, config: &Config, force: bool) -> Resul
             } else {
                 bail!(
                     "refusing to attach to {}: it carries this host's default route \
-                     (XDP there can take the host off the network); pass --force to attach anyway",
+                     (the balancer there can take the host off the network); pass --force to attach anyway",
                     iface.name
                 );
             }
@@ -103,8 +107,11 @@ pub fn attach_or_reuse(lb: &mut Balancer, config: &Config, force: bool) -> Resul
         .collect();
     let mut out = Attachment::default();
     for (group, ifname, ifindex, mode) in plan {
-        let reused = lb
-            .attach(&ifname, ifindex, xdp_mode(mode))
+        let attached = match xdp_mode(mode) {
+            Some(xdp) => lb.attach(&ifname, ifindex, xdp),
+            None => lb.attach_tc(&ifname, ifindex),
+        };
+        let reused = attached
             .with_context(|| format!("attaching the balancer to {ifname} ({})", mode.as_str()))?;
         if reused {
             info!(interface = %ifname, ifindex, "attached: the pinned link now runs this program (replaced atomically)");
@@ -134,8 +141,8 @@ pub fn attach_or_reuse(lb: &mut Balancer, config: &Config, force: bool) -> Resul
     Ok(out)
 }
 
-/// `headroom lb detach`: removes the links pinned in `dir` (XDP comes off
-/// the interfaces), every pinned map and `dir` itself, then `dir`'s parent
+/// `headroom lb detach`: removes the links pinned in `dir` (XDP and TC come
+/// off the interfaces), every pinned map and `dir` itself, then `dir`'s parent
 /// if that is left empty. `Ok(None)` when nothing was pinned there.
 pub fn detach_pinned(dir: &Path) -> Result<Option<loader::Detached>> {
     if !dir.exists() {
@@ -245,6 +252,14 @@ pub fn parse_proc_ipv6_route(text: &str) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tc_is_not_an_xdp_mode() {
+        assert_eq!(xdp_mode(AttachMode::Tc), None);
+        assert_eq!(xdp_mode(AttachMode::Native), Some(XdpMode::Driver));
+        assert_eq!(xdp_mode(AttachMode::Generic), Some(XdpMode::Skb));
+        assert_eq!(xdp_mode(AttachMode::Auto), Some(XdpMode::Default));
+    }
 
     #[test]
     fn ip_json() {

@@ -42,17 +42,23 @@ pub enum Variant {
     HeadroomNat,
     /// Headroom, dsr mode.
     HeadroomDsr,
+    /// Headroom, nat mode, at TC ingress (`mode = "tc"`): offloads untouched.
+    HeadroomNatTc,
+    /// Headroom, dsr mode, at TC ingress.
+    HeadroomDsrTc,
 }
 
 impl Variant {
     /// All variants, in report order.
-    pub const ALL: [Variant; 6] = [
+    pub const ALL: [Variant; 8] = [
         Variant::Ecmp,
         Variant::Nft,
         Variant::Haproxy,
         Variant::Direct,
         Variant::HeadroomNat,
         Variant::HeadroomDsr,
+        Variant::HeadroomNatTc,
+        Variant::HeadroomDsrTc,
     ];
 
     /// Name on the command line and in tables.
@@ -64,6 +70,8 @@ impl Variant {
             Variant::Direct => "direct",
             Variant::HeadroomNat => "headroom-nat",
             Variant::HeadroomDsr => "headroom-dsr",
+            Variant::HeadroomNatTc => "headroom-nat-tc",
+            Variant::HeadroomDsrTc => "headroom-dsr-tc",
         }
     }
 
@@ -179,7 +187,10 @@ impl Variant {
                     .stdout(std::process::Stdio::null());
                 g.haproxy = Some(ChildGuard::new(cmd.spawn().context("starting haproxy")?));
             }
-            Variant::HeadroomNat | Variant::HeadroomDsr => {
+            Variant::HeadroomNat
+            | Variant::HeadroomDsr
+            | Variant::HeadroomNatTc
+            | Variant::HeadroomDsrTc => {
                 let config = daemon_config(self, &net.lb_interfaces(), redis_url, tag)?;
                 // The daemon pins its maps and links and leaves XDP attached
                 // when it stops (restarts keep flows): a private bpffs, whose
@@ -359,8 +370,12 @@ fn haproxy_config(n: usize) -> String {
 /// backends with equal weights.
 fn daemon_config(v: Variant, interfaces: &[String], redis_url: &str, tag: &str) -> Result<Config> {
     let (mode, http_port) = match v {
-        Variant::HeadroomNat => ("nat", BACKEND_HTTP_PORT),
+        Variant::HeadroomNat | Variant::HeadroomNatTc => ("nat", BACKEND_HTTP_PORT),
         _ => ("dsr", HTTP_PORT),
+    };
+    let hook = match v {
+        Variant::HeadroomNatTc | Variant::HeadroomDsrTc => "tc",
+        _ => "native",
     };
     let mut text = format!(
         "name = \"bench-{}-{tag}\"\n\n[scoreboard]\nredis_url = \"{redis_url}\"\n\n\
@@ -370,7 +385,7 @@ fn daemon_config(v: Variant, interfaces: &[String], redis_url: &str, tag: &str) 
     );
     for i in interfaces {
         text.push_str(&format!(
-            "[[group.interface]]\nname = \"{i}\"\nmode = \"native\"\n"
+            "[[group.interface]]\nname = \"{i}\"\nmode = \"{hook}\"\n"
         ));
     }
     for (name, vport, bport) in [
@@ -406,7 +421,12 @@ mod tests {
     #[test]
     fn daemon_configs_validate() {
         let ifs = ["lb-c", "lb-b0", "lb-b1", "lb-b2"].map(String::from);
-        for v in [Variant::HeadroomNat, Variant::HeadroomDsr] {
+        for v in [
+            Variant::HeadroomNat,
+            Variant::HeadroomDsr,
+            Variant::HeadroomNatTc,
+            Variant::HeadroomDsrTc,
+        ] {
             daemon_config(v, &ifs, "redis://127.0.0.1:6379", "t").expect("valid config");
         }
     }

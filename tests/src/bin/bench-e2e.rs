@@ -343,7 +343,8 @@ fn report(samples: &BTreeMap<Variant, Vec<Sample>>, variants: &[Variant]) {
 }
 
 /// Bulk throughput under different offload settings: what XDP on the veths
-/// costs, and what GRO instead of the pass program gives back.
+/// costs, what GRO instead of the pass program gives back, and the TC hook,
+/// which needs no change.
 fn offloads(net: &mut BenchNet, servers: &Servers, redis_url: &str, args: &Args) -> Result<()> {
     let cases = [
         (Variant::Ecmp, Offloads::DEFAULT),
@@ -369,6 +370,8 @@ fn offloads(net: &mut BenchNet, servers: &Servers, redis_url: &str, args: &Args)
                 receive: Receive::PassGro,
             },
         ),
+        // At TC ingress the skb keeps its GSO and checksum state: defaults.
+        (Variant::HeadroomNatTc, Offloads::DEFAULT),
     ];
     let rounds = args.rounds.min(3);
     let mut got: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cases.len()];
