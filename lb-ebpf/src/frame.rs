@@ -31,13 +31,10 @@ pub trait Frame: EbpfContext {
     fn len(&self) -> usize;
     /// The interface the packet came in on.
     fn ifindex(&self) -> u32;
-    /// `tot_len` for `bpf_fib_lookup`'s MTU check: XDP gives the length;
-    /// TC gives 0 so the kernel checks the skb itself (GSO-aware).
-    fn fib_len(&self, ip_len: u16) -> u16;
-    /// The largest IP packet this one becomes on the wire: for a GSO skb one
-    /// segment (headers at their longest), else `ip_len`. Bounds the next-hop
-    /// cache, which must not let through what the FIB would refuse.
-    fn wire_len(&self, ip_len: u16, l4_off: usize) -> u16;
+    /// The largest IP packet this one is on the wire: for a GSO skb one
+    /// segment (IP and TCP/UDP headers, at `l3` and `l4`, plus the segment
+    /// size), else `ip_len`. The FIB's MTU check and the next-hop cache use it.
+    fn wire_len(&self, ip_len: u16, l3: usize, l4: usize, tcp: bool) -> u16;
     /// Sends the frame out of `ifindex`; returns the verdict counter.
     fn redirect(&self, ifindex: u32) -> u32;
     /// Applies an address change (`pseudo`, part of the pseudo-header) and a
@@ -79,12 +76,7 @@ impl Frame for XdpContext {
     }
 
     #[inline(always)]
-    fn fib_len(&self, ip_len: u16) -> u16 {
-        ip_len
-    }
-
-    #[inline(always)]
-    fn wire_len(&self, ip_len: u16, _l4_off: usize) -> u16 {
+    fn wire_len(&self, ip_len: u16, _l3: usize, _l4: usize, _tcp: bool) -> u16 {
         ip_len
     }
 
@@ -154,22 +146,22 @@ impl Frame for TcContext {
     }
 
     #[inline(always)]
-    fn fib_len(&self, _ip_len: u16) -> u16 {
-        0
-    }
-
-    #[inline(always)]
-    fn wire_len(&self, ip_len: u16, l4_off: usize) -> u16 {
+    fn wire_len(&self, ip_len: u16, l3: usize, l4: usize, tcp: bool) -> u16 {
         let gso = unsafe { (*self.skb.skb).gso_size };
         if gso == 0 {
             return ip_len;
         }
-        // l4_off counts from the Ethernet header; 60: the longest TCP header.
-        let seg = (l4_off as u32).saturating_sub(14) + 60 + gso;
-        if seg < ip_len as u32 {
-            seg as u16
+        let l4_hlen = if tcp {
+            // The TCP data offset, in 32-bit words.
+            crate::at::<u8, _>(self, l4 + 12).map_or(20, |d| (unsafe { *d } >> 4) as u32 * 4)
         } else {
+            8
+        };
+        let seg = (l4 - l3) as u32 + l4_hlen + gso;
+        if seg >= ip_len as u32 {
             ip_len
+        } else {
+            seg as u16
         }
     }
 

@@ -81,6 +81,11 @@ static NAT_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 
 // One bit per service port: only packets to those ports look up their flow
 // before their service, so other traffic does not pay for it.
+// Room for bpf_fib_lookup's 64-byte parameters off the stack, which the TC
+// program (a subprogram under a small caller) cannot spare.
+#[map(name = "FIB_SCRATCH")]
+static FIB_SCRATCH: PerCpuArray<Fib> = PerCpuArray::with_max_entries(1, 0);
+
 #[map(name = "VIP_PORTS")]
 static VIP_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 
@@ -98,7 +103,7 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-const TC_ACT_OK: i32 = 0;
+const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_SHOT: i32 = 2;
 const TC_ACT_REDIRECT: i32 = 7;
 
@@ -125,8 +130,17 @@ struct Pkt {
     l4: usize,
     key: FlowKey,
     tcp_flags: u8,
-    /// IPv4 total length or IPv6 payload length + 40, for the FIB's MTU check.
+    /// IPv4 total length or IPv6 payload length + 40.
     ip_len: u16,
+}
+
+impl Pkt {
+    /// The longest IP packet this one is on the wire (for a GSO skb one
+    /// segment): what the FIB's MTU check and the next-hop cache see.
+    #[inline(always)]
+    fn mtu_len<C: Frame>(&self, ctx: &C) -> u16 {
+        ctx.wire_len(self.ip_len, self.l3, self.l4, self.key.proto == PROTO_TCP)
+    }
 }
 
 #[xdp]
@@ -156,7 +170,8 @@ pub fn headroom_tc(ctx: TcContext) -> i32 {
     match verdict {
         counter::TX | counter::REDIRECT => TC_ACT_REDIRECT,
         counter::DROP_NO_BACKEND | counter::DROP_REDIRECT => TC_ACT_SHOT,
-        _ => TC_ACT_OK,
+        // Not ours: the next tcx program, tc filter or the stack decides.
+        _ => TC_ACT_UNSPEC,
     }
 }
 
@@ -360,7 +375,7 @@ struct Chosen {
     nat: bool,
     /// Backend id and entry.
     id: u32,
-    b: Backend,
+    b: &'static Backend,
     /// The packet starts a flow (counted as such; nat: reverse entry made).
     new_flow: bool,
 }
@@ -427,7 +442,7 @@ fn to_backend<C: Frame>(ctx: &C, pkt: &Pkt, svc: &ServiceValue) -> Result<Chosen
                 }
                 Some(b) => chosen = Some((id, b)),
             }
-            if chosen.is_some() {
+            if chosen.is_some() && unsafe { (*f).flags } & FLOW_SERVICE == 0 {
                 // An entry of an older program: record its service, so its
                 // next packets take the short path.
                 unsafe {
@@ -483,21 +498,16 @@ fn to_backend<C: Frame>(ctx: &C, pkt: &Pkt, svc: &ServiceValue) -> Result<Chosen
 /// (a new nat flow also gets its reverse entry), counters, out.
 #[inline(always)]
 fn deliver<C: Frame>(ctx: &C, pkt: &Pkt, c: &Chosen) -> u32 {
-    let (sid, nat, id, b, new_flow) = (c.sid, c.nat, c.id, &c.b, c.new_flow);
+    let (sid, nat, id, b, new_flow) = (c.sid, c.nat, c.id, c.b, c.new_flow);
     let key = &pkt.key;
-    let hop = resolve(
-        ctx,
-        NEXTHOPS.get_ptr_mut(id),
-        ctx.wire_len(pkt.ip_len, pkt.l4),
-        || {
-            let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
-            fib.sport = key.sport;
-            fib.dport = if nat { b.port } else { key.dport };
-            fib.src = key.src;
-            fib.dst = b.addr;
-            fib
-        },
-    );
+    let mtu_len = pkt.mtu_len(ctx);
+    let hop = resolve(ctx, NEXTHOPS.get_ptr_mut(id), mtu_len, |fib| {
+        fib_init(ctx, fib, key.family, key.proto, mtu_len);
+        fib.sport = key.sport;
+        fib.dport = if nat { b.port } else { key.dport };
+        fib.src = key.src;
+        fib.dst = b.addr;
+    });
     let Some(hop) = hop else {
         return counter::PASS_FIB;
     };
@@ -534,7 +544,7 @@ fn deliver<C: Frame>(ctx: &C, pkt: &Pkt, c: &Chosen) -> u32 {
 
 /// The backend of a new flow: `table[flow_hash % M]` of the active buffer.
 #[inline(always)]
-fn select(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
+fn select(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, &'static Backend)> {
     if svc.table_size == 0 {
         return None;
     }
@@ -548,8 +558,9 @@ fn select(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
 
 /// Backend `id`, if it is in use (removed ones are not).
 #[inline(always)]
-fn active_backend(id: u32) -> Option<Backend> {
-    let b = *BACKENDS.get(id)?;
+fn active_backend(id: u32) -> Option<&'static Backend> {
+    // A reference into the map, not a copy: the stack is tight.
+    let b = BACKENDS.get(id)?;
     (b.flags & BACKEND_ACTIVE != 0).then_some(b)
 }
 
@@ -565,13 +576,13 @@ fn nat_reply<C: Frame>(ctx: &C, pkt: &Pkt) -> u32 {
     };
     let (vip, vport) = (rd(rev).vip, rd(rev).vport);
     let cache = unsafe { core::ptr::addr_of_mut!((*rev).hop) };
-    let hop = resolve(ctx, Some(cache), ctx.wire_len(pkt.ip_len, pkt.l4), || {
-        let mut fib = fib_params(ctx, key.family, key.proto, pkt.ip_len);
+    let mtu_len = pkt.mtu_len(ctx);
+    let hop = resolve(ctx, Some(cache), mtu_len, |fib| {
+        fib_init(ctx, fib, key.family, key.proto, mtu_len);
         fib.sport = vport;
         fib.dport = key.dport;
         fib.src = vip;
         fib.dst = key.dst;
-        fib
     });
     let Some(hop) = hop else {
         return counter::PASS_FIB;
@@ -598,7 +609,7 @@ fn resolve<C: Frame>(
     ctx: &C,
     cache: Option<*mut NextHop>,
     len: u16,
-    params: impl FnOnce() -> Fib,
+    params: impl FnOnce(&mut Fib),
 ) -> Option<Hop> {
     let epoch = CONFIG.get(0).map_or(0, |c| c.epoch);
     if let Some(c) = cache {
@@ -611,10 +622,7 @@ fn resolve<C: Frame>(
             });
         }
     }
-    let mut fib = params();
-    if !lookup(ctx, &mut fib) {
-        return None;
-    }
+    let fib = lookup_with(ctx, params)?;
     if let Some(c) = cache {
         let old = rd(c);
         // The FIB checked the MTU for this length: shorter packets are safe.
@@ -635,11 +643,7 @@ fn resolve<C: Frame>(
             },
         );
     }
-    Some(Hop {
-        ifindex: fib.ifindex,
-        dmac: fib.dmac,
-        smac: fib.smac,
-    })
+    Some(fib)
 }
 
 /// Rewrites the destination (or, for replies, the source) address and port,
@@ -736,12 +740,13 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     let Some((svc, b)) = tracked(&key) else {
         return counter::PASS_ICMP;
     };
-    let mut fib = fib_params(ctx, FAMILY_V4, IPPROTO_ICMP, ip_len);
-    fib.src = outer.src;
-    fib.dst = b.addr;
-    if !lookup(ctx, &mut fib) {
+    let Some(hop) = lookup_with(ctx, |fib| {
+        fib_init(ctx, fib, FAMILY_V4, IPPROTO_ICMP, ip_len);
+        fib.src = outer.src;
+        fib.dst = b.addr;
+    }) else {
         return counter::PASS_FIB;
-    }
+    };
     if svc.mode == MODE_NAT {
         // Outer destination, inner source address and port, inner IP checksum;
         // the ICMP checksum covers the inner bytes, so it follows them.
@@ -773,7 +778,7 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
         wr(ccsum, cd.apply(rd(ccsum)));
     }
     bump(counter::ICMP_TO_BACKEND);
-    forward(ctx, &fib.hop())
+    forward(ctx, &hop)
 }
 
 /// ICMPv6 packet-too-big quoting a balanced flow: to that flow's backend.
@@ -815,12 +820,13 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     let Some((svc, b)) = tracked(&key) else {
         return counter::PASS_ICMP;
     };
-    let mut fib = fib_params(ctx, FAMILY_V6, IPPROTO_ICMPV6, ip_len);
-    fib.src = outer.src;
-    fib.dst = b.addr;
-    if !lookup(ctx, &mut fib) {
+    let Some(hop) = lookup_with(ctx, |fib| {
+        fib_init(ctx, fib, FAMILY_V6, IPPROTO_ICMPV6, ip_len);
+        fib.src = outer.src;
+        fib.dst = b.addr;
+    }) else {
         return counter::PASS_FIB;
-    }
+    };
     if svc.mode == MODE_NAT {
         // The ICMPv6 checksum covers the pseudo-header (outer destination)
         // and the quoted bytes (inner source address and port).
@@ -848,13 +854,13 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
         wr(ccsum, d.apply(rd(ccsum)));
     }
     bump(counter::ICMP_TO_BACKEND);
-    forward(ctx, &fib.hop())
+    forward(ctx, &hop)
 }
 
 /// The service and live backend of a tracked flow, for ICMP errors (no
 /// selection: an error about an unknown flow is not ours to route).
 #[inline(always)]
-fn tracked(key: &FlowKey) -> Option<(ServiceValue, Backend)> {
+fn tracked(key: &FlowKey) -> Option<(ServiceValue, &'static Backend)> {
     let skey = ServiceKey {
         addr: key.dst,
         port: key.dport,
@@ -867,8 +873,8 @@ fn tracked(key: &FlowKey) -> Option<(ServiceValue, Backend)> {
 }
 
 #[inline(always)]
-fn fib_params<C: Frame>(ctx: &C, family: u8, proto: u8, ip_len: u16) -> Fib {
-    Fib {
+fn fib_init<C: Frame>(ctx: &C, fib: &mut Fib, family: u8, proto: u8, ip_len: u16) {
+    *fib = Fib {
         family: if family == FAMILY_V6 {
             AF_INET6
         } else {
@@ -877,7 +883,7 @@ fn fib_params<C: Frame>(ctx: &C, family: u8, proto: u8, ip_len: u16) -> Fib {
         l4_protocol: proto,
         sport: 0,
         dport: 0,
-        tot_len: ctx.fib_len(ip_len),
+        tot_len: ip_len,
         ifindex: ctx.ifindex(),
         flowinfo: 0,
         src: [0; 4],
@@ -885,7 +891,7 @@ fn fib_params<C: Frame>(ctx: &C, family: u8, proto: u8, ip_len: u16) -> Fib {
         vlan: 0,
         smac: [0; 6],
         dmac: [0; 6],
-    }
+    };
 }
 
 impl Fib {
@@ -897,6 +903,17 @@ impl Fib {
             smac: self.smac,
         }
     }
+}
+
+/// Fills the per-CPU FIB parameters with `fill` and asks the FIB.
+#[inline(always)]
+fn lookup_with<C: Frame>(ctx: &C, fill: impl FnOnce(&mut Fib)) -> Option<Hop> {
+    let fib = unsafe { &mut *FIB_SCRATCH.get_ptr_mut(0)? };
+    fill(fib);
+    if !lookup(ctx, fib) {
+        return None;
+    }
+    Some(fib.hop())
 }
 
 /// Asks the kernel's FIB (routes + neighbours) for the next hop.

@@ -34,7 +34,10 @@ pub const TC_PROGRAM: &str = programs::TC;
 
 /// TC verdicts (`TC_ACT_*`, linux/pkt_cls.h) that [`run_tc`] returns.
 pub mod tc_act {
-    /// Continue into the stack (XDP_PASS).
+    /// `TC_ACT_UNSPEC` (-1): not ours, the next tcx program, tc filter or
+    /// the stack decides (XDP_PASS).
+    pub const NEXT: u32 = u32::MAX;
+    /// `TC_ACT_OK`: pass and stop the chain (the program never returns it).
     pub const OK: u32 = 0;
     /// Drop (XDP_DROP).
     pub const SHOT: u32 = 2;

@@ -77,7 +77,7 @@ fn short_ip_header(frame: &[u8]) -> bool {
 /// The TC verdict for an XDP action: both hooks must do the same thing.
 fn tc_action(xdp: u32) -> u32 {
     match xdp {
-        XDP_PASS => tc_act::OK,
+        XDP_PASS => tc_act::NEXT,
         XDP_DROP => tc_act::SHOT,
         XDP_TX | XDP_REDIRECT => tc_act::REDIRECT,
         other => other,

@@ -107,13 +107,39 @@ fn root_tc_bulk_with_offloads_arrives_intact_as_gso() {
             topo.backend_interface(),
         )
     }));
-    for (who, ns, ifname) in senders {
+    for (who, ns, ifname) in &senders {
         let o = Offloads::read(ns, ifname).expect("ethtool -k");
         assert!(
             o.tx_checksum && o.tso,
             "{who}'s {ifname} has offloads {o:?}: the test needs TX checksum offload and TSO on"
         );
     }
+    // Make the rewritten checksums count: the balancer's veths finish the
+    // partial checksums and segment in software on their way out (from the
+    // seed the program rewrote), and the endpoints verify every segment in
+    // software on the way in. A wrong pseudo-header update then loses
+    // segments (InCsumErrors) and the echo stalls.
+    for ifname in topo.balancer_interfaces() {
+        topo.balancer_ns()
+            .exec(&["ethtool", "-K", ifname.as_str(), "tx", "off"])
+            .expect("balancer veth: tx off");
+    }
+    for (_, ns, ifname) in &senders {
+        ns.exec(&["ethtool", "-K", *ifname, "rx", "off"])
+            .expect("endpoint veth: rx off");
+    }
+    let csum_errors = |ns: &headroom_tests::Netns| -> u64 {
+        let snmp = ns.exec(&["cat", "/proc/net/snmp"]).expect("snmp");
+        let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+        let (names, values) = tcp.next().zip(tcp.next()).expect("Tcp: lines");
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "InCsumErrors")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("InCsumErrors")
+    };
+    let csum_before: Vec<u64> = senders.iter().map(|(_, ns, _)| csum_errors(ns)).collect();
 
     let lb_before = topo.counters().expect("balancer counters");
     let tcp_before = topo.tcp_stats().expect("TCP counters");
@@ -129,6 +155,13 @@ fn root_tc_bulk_with_offloads_arrives_intact_as_gso() {
         .expect("balancer counters")
         .since(&lb_before);
     let tcp_after = topo.tcp_stats().expect("TCP counters");
+    for ((who, ns, _), before) in senders.iter().zip(&csum_before) {
+        assert_eq!(
+            csum_errors(ns) - before,
+            0,
+            "{who}: TCP segments with a bad checksum arrived"
+        );
+    }
     let mut bulk = Vec::new();
     for i in 0..BACKENDS {
         bulk.push(

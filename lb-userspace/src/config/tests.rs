@@ -392,3 +392,17 @@ fn tc_attach_mode_is_accepted_and_listed_in_errors() {
         "{e}"
     );
 }
+
+#[test]
+fn max_services_beyond_16_bit_service_ids_is_refused() {
+    // Flow entries keep the service id in 16 bits.
+    let e = field_err(&format!(
+        "[datapath]\nmax_services = 65537\nmax_table_size = 31\n{MINIMAL}table_size = 31\n"
+    ));
+    assert_eq!(e.path, "datapath.max_services");
+    assert!(e.reason.contains("65536"), "{e}");
+    Config::from_str(&format!(
+        "[datapath]\nmax_services = 65536\nmax_table_size = 31\n{MINIMAL}table_size = 31\n"
+    ))
+    .unwrap();
+}

@@ -146,6 +146,9 @@ fn datapath(d: &Datapath, e: &mut Errors) {
     }
     if d.max_services == 0 {
         e.push("datapath.max_services", "must be at least 1");
+    } else if d.max_services > 65536 {
+        // Flow entries record the service id in 16 bits.
+        e.push("datapath.max_services", "must be at most 65536");
     }
     if d.max_backends == 0 {
         e.push("datapath.max_backends", "must be at least 1");
