@@ -15,8 +15,7 @@
 //! holds (`MountNs`): the bpffs the daemon mounts never appears on the host,
 //! and it outlives the daemon as the host's `/sys/fs/bpf` would.
 use std::{
-    io::{Read, Write},
-    process::{ExitStatus, Stdio},
+    io::Write,
     sync::atomic::AtomicBool,
     thread,
     time::{Duration, Instant},
@@ -27,7 +26,7 @@ use headroom_tests::{
     mountns::MountNs,
     require_root,
     topology::{backend_addr, ClientLimits, Mode, Topology, VIP, VIP_PORT},
-    ChildGuard, Netns,
+    Netns,
 };
 
 const HEADROOM: &str = env!("CARGO_BIN_EXE_headroom");
@@ -82,9 +81,11 @@ fn run() -> Result<()> {
         "dev",
         "lb-c",
     ])?;
-    let mut child = spawn(&mount_ns, lb_ns, &argv)?;
-    let status = wait_exit(&mut child, WAIT)?.context("the daemon did not refuse")?;
-    let stderr = read_stderr(&mut child);
+    let mut child = mount_ns.spawn_daemon(&lb_ns.path(), &argv)?;
+    let status = child
+        .wait_timeout(WAIT)?
+        .context("the daemon did not refuse")?;
+    let stderr = child.exited_stderr();
     eprintln!("refused: {status}; stderr:\n{stderr}");
     ensure!(
         !status.success(),
@@ -105,11 +106,11 @@ fn run() -> Result<()> {
     lb_ns.exec(&["ip", "route", "del", "default"])?;
 
     // 2. Attach, serve, SIGTERM.
-    let mut child = spawn(&mount_ns, lb_ns, &argv)?;
+    let mut child = mount_ns.spawn_daemon(&lb_ns.path(), &argv)?;
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(s) = child.try_wait()? {
-            bail!("the daemon exited: {s}: {}", read_stderr(&mut child));
+            bail!("the daemon exited: {s}: {}", child.exited_stderr());
         }
         let mut all = true;
         for i in &ifaces {
@@ -150,8 +151,10 @@ fn run() -> Result<()> {
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     ensure!(rc == 0, "SIGTERM: {}", std::io::Error::last_os_error());
-    let status = wait_exit(&mut child, WAIT)?.context("the daemon ignored SIGTERM")?;
-    let stderr = read_stderr(&mut child);
+    let status = child
+        .wait_timeout(WAIT)?
+        .context("the daemon ignored SIGTERM")?;
+    let stderr = child.exited_stderr();
     ensure!(status.success(), "exit after SIGTERM: {status}: {stderr}");
     ensure!(
         stderr.contains("the balancer stays attached"),
@@ -183,44 +186,6 @@ fn run() -> Result<()> {
     }
     eprintln!("total {:.2?}", started.elapsed());
     Ok(())
-}
-
-fn spawn(mount_ns: &MountNs, ns: &Netns, argv: &[&str]) -> Result<ChildGuard> {
-    let child = mount_ns
-        .command(&ns.path(), argv)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting headroom lb run")?;
-    Ok(ChildGuard::new(child))
-}
-
-/// Waits up to `timeout` for the child to exit.
-fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(Some(s));
-        }
-        if Instant::now() > deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The stderr of an exited child (its pipe holds it all: the daemon logs
-/// a few lines).
-fn read_stderr(child: &mut ChildGuard) -> String {
-    let mut s = String::new();
-    if child.try_wait().ok().flatten().is_some() {
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-    }
-    s
 }
 
 /// Whether `ifname` in `ns` has an XDP program attached.

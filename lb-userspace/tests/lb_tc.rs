@@ -21,8 +21,7 @@
 //! tcx ingress hook, `ip -j link` for XDP), not from the daemon's word.
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    process::{ExitStatus, Stdio},
+    io::Write,
     sync::atomic::AtomicBool,
     thread,
     time::{Duration, Instant},
@@ -73,7 +72,7 @@ fn tc_lifecycle() -> Result<()> {
     let pin_dir = format!("/sys/fs/bpf/headroom/{name}");
 
     // 1. Attach and serve.
-    let mut child = spawn(&mount_ns, lb_ns, &argv)?;
+    let mut child = mount_ns.spawn_daemon(&lb_ns.path(), &argv)?;
     let first = wait_for(&mut child, "one tcx program per interface", || {
         let ids = tcx_programs(lb_ns, &ifaces)?;
         Ok(ids.values().all(|p| p.len() == 1).then_some(ids))
@@ -109,7 +108,7 @@ fn tc_lifecycle() -> Result<()> {
     serve(&topo, 100, "no daemon")?;
 
     // 3. Restart: the new program goes onto the pinned links.
-    let mut child = spawn(&mount_ns, lb_ns, &argv)?;
+    let mut child = mount_ns.spawn_daemon(&lb_ns.path(), &argv)?;
     let second = wait_for(&mut child, "new programs on the pinned links", || {
         let ids = tcx_programs(lb_ns, &ifaces)?;
         let replaced = ids
@@ -162,11 +161,8 @@ fn mode_switch() -> Result<()> {
         let config = write_config(name, &ifaces, mode)?;
         let path = config.path().to_str().context("temp path")?.to_string();
         configs.push(config);
-        let mut child = spawn(
-            &mount_ns,
-            lb_ns,
-            &[HEADROOM, "lb", "run", "--config", &path],
-        )?;
+        let mut child =
+            mount_ns.spawn_daemon(&lb_ns.path(), &[HEADROOM, "lb", "run", "--config", &path])?;
         let tc = mode == "tc";
         wait_for(
             &mut child,
@@ -308,7 +304,7 @@ fn wait_for<T>(
         if let Some(s) = child.try_wait()? {
             bail!(
                 "the daemon exited ({s}) before {what}: {}",
-                read_stderr(child)
+                child.exited_stderr()
             );
         }
         if let Some(v) = check()? {
@@ -324,46 +320,10 @@ fn stop(child: &mut ChildGuard) -> Result<String> {
     // SAFETY: kill(2) on our own child's pid.
     let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     ensure!(rc == 0, "SIGTERM: {}", std::io::Error::last_os_error());
-    let status = wait_exit(child, WAIT)?.context("the daemon ignored SIGTERM")?;
-    let stderr = read_stderr(child);
+    let status = child
+        .wait_timeout(WAIT)?
+        .context("the daemon ignored SIGTERM")?;
+    let stderr = child.exited_stderr();
     ensure!(status.success(), "exit after SIGTERM: {status}: {stderr}");
     Ok(stderr)
-}
-
-fn spawn(mount_ns: &MountNs, ns: &Netns, argv: &[&str]) -> Result<ChildGuard> {
-    let child = mount_ns
-        .command(&ns.path(), argv)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting headroom lb run")?;
-    Ok(ChildGuard::new(child))
-}
-
-/// Waits up to `timeout` for the child to exit.
-fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = child.try_wait()? {
-            return Ok(Some(s));
-        }
-        if Instant::now() > deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The stderr of an exited child (the daemon logs a few lines: the pipe
-/// holds them all).
-fn read_stderr(child: &mut ChildGuard) -> String {
-    let mut s = String::new();
-    if child.try_wait().ok().flatten().is_some() {
-        if let Some(mut e) = child.stderr.take() {
-            let _ = e.read_to_string(&mut s);
-        }
-    }
-    s
 }

@@ -70,6 +70,20 @@ impl MountNs {
         cmd
     }
 
+    /// Starts a daemon inside (network namespace `netns`), `RUST_LOG=info`,
+    /// stderr piped (see [`ChildGuard::exited_stderr`]), killed on drop.
+    pub fn spawn_daemon(&self, netns: &Path, argv: &[&str]) -> Result<ChildGuard> {
+        let child = self
+            .command(netns, argv)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {argv:?}"))?;
+        Ok(ChildGuard::new(child))
+    }
+
     /// Runs `argv` inside; stdout, or an error with stderr.
     pub fn run(&self, netns: &Path, argv: &[&str]) -> Result<String> {
         crate::cmd::output(&mut self.command(netns, argv))

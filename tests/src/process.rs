@@ -1,7 +1,10 @@
 //! Child processes that cannot outlive the test that started them.
 use std::{
+    io::Read,
     ops::{Deref, DerefMut},
     process::{Child, ExitStatus},
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -31,6 +34,33 @@ impl ChildGuard {
         self.child
             .wait()
             .with_context(|| format!("reaping process {pid}"))
+    }
+
+    /// Waits up to `timeout` for the process to exit; `None` if it did not.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().context("try_wait")? {
+                return Ok(Some(s));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The piped stderr of a process that has exited (empty while it runs:
+    /// reading would block). Daemons under test log a few lines, which the
+    /// pipe holds.
+    pub fn exited_stderr(&mut self) -> String {
+        let mut s = String::new();
+        if self.child.try_wait().ok().flatten().is_some() {
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut s);
+            }
+        }
+        s
     }
 }
 
