@@ -888,11 +888,6 @@ pub fn pinned_links(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Whether `dir` holds a pinned TC link (`tc-<ifname>`) of `ifname`.
-pub fn has_pinned_tc_link(dir: &Path, ifname: &str) -> bool {
-    dir.join(pin::link_name(pin::Hook::Tc, ifname)).exists()
-}
-
 /// Removes the pinned links of `ifname` in `dir`, XDP and TC: the
 /// balancer comes off the interface (unless another process holds a link
 /// open). Fails if there was none.
@@ -1321,7 +1316,8 @@ mod tests {
             std::fs::write(dir.join(f), b"").unwrap();
         }
         assert_eq!(pinned_links(&dir), ["a", "b", "c"]);
-        assert!(has_pinned_tc_link(&dir, "b") && !has_pinned_tc_link(&dir, "a"));
+        assert_eq!(pin::link_name(pin::Hook::Tc, "b"), "tc-b");
+        assert_eq!(pin::link_name(pin::Hook::Xdp, "a"), "link-a");
         // Plain files: nothing to detach, but the pins go (both of c's).
         unpin_link(&dir, "c").unwrap();
         assert_eq!(pinned_links(&dir), ["a", "b"]);
