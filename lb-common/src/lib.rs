@@ -26,6 +26,10 @@ pub const MODE_DSR: u8 = 1;
 pub const BACKEND_ACTIVE: u8 = 1;
 /// Backend flag: no new flows (absent from tables), existing flows continue.
 pub const BACKEND_DRAINING: u8 = 2;
+/// Backend flag: a dsr service's backend. Its replies go straight to the
+/// client, so userspace leaves its port out of `NAT_PORTS` (the program
+/// never looks for a reverse-NAT entry for them).
+pub const BACKEND_DSR: u8 = 4;
 
 /// Table entry meaning "no backend": a service whose table holds it drops new flows.
 pub const NO_BACKEND: u32 = u32::MAX;
@@ -255,7 +259,7 @@ pub struct Backend {
     pub port: u16,
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
-    /// `BACKEND_ACTIVE` | `BACKEND_DRAINING`.
+    /// `BACKEND_ACTIVE` | `BACKEND_DRAINING` | `BACKEND_DSR`.
     pub flags: u8,
 }
 

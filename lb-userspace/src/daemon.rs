@@ -63,7 +63,7 @@ use std::{
 };
 
 use anyhow::{anyhow, ensure, Context, Result};
-use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING};
+use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DRAINING, BACKEND_DSR};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -176,9 +176,9 @@ struct Svc {
 impl Svc {
     fn backend(&self, addr: SocketAddr, flags: u8) -> Backend {
         // dsr: backends receive the VIP's port.
-        let port = match self.mode {
-            config::Mode::Nat => addr.port(),
-            config::Mode::Dsr => self.port,
+        let (port, flags) = match self.mode {
+            config::Mode::Nat => (addr.port(), flags),
+            config::Mode::Dsr => (self.port, flags | BACKEND_DSR),
         };
         Backend {
             addr: addr_words(addr.ip()),

@@ -21,7 +21,7 @@ use aya::{
 };
 use lb_common::{
     counter, maps, programs, Backend, Config, Counters, Flow, FlowKey, RevNat, ServiceKey,
-    ServiceValue, BACKEND_ACTIVE, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
+    ServiceValue, BACKEND_ACTIVE, BACKEND_DSR, DEFAULT_CONNTRACK_SIZE, DEFAULT_MAX_BACKENDS,
     DEFAULT_MAX_SERVICES, DEFAULT_TABLE_SIZE, DEFAULT_UDP_IDLE_TIMEOUT_NS,
 };
 use thiserror::Error;
@@ -136,6 +136,12 @@ pub enum BalancerError {
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BalancerError {
     move |source| BalancerError::Map { name, source }
+}
+
+/// The port (network order) replies of `b` come from, if they can be nat
+/// replies: active, and not a dsr backend (whose replies bypass us).
+fn nat_port(b: Backend) -> Option<u16> {
+    (b.flags & BACKEND_ACTIVE != 0 && b.flags & BACKEND_DSR == 0).then_some(b.port)
 }
 
 /// Result of running one frame through the program (BPF_PROG_TEST_RUN).
@@ -647,12 +653,8 @@ impl Balancer {
         self.backends
             .set(id, backend, 0)
             .map_err(map_err(maps::BACKENDS))?;
-        let old_port = self
-            .backends_set
-            .insert(id, backend)
-            .filter(|b| b.flags & BACKEND_ACTIVE != 0)
-            .map(|b| b.port);
-        if old_port != Some(backend.port) || backend.flags & BACKEND_ACTIVE == 0 {
+        let old = self.backends_set.insert(id, backend);
+        if old.and_then(nat_port) != nat_port(backend) {
             self.write_nat_ports()?;
         }
         self.refresh_next_hops()
@@ -665,21 +667,26 @@ impl Balancer {
         self.write_config()
     }
 
-    /// Source ports of active backends: only packets from them can be nat
-    /// replies, so only they are looked up in `NAT_REV`.
+    /// Source ports of active nat backends: only packets from them can be
+    /// nat replies, so only they are looked up in `NAT_REV`.
     fn write_nat_ports(&mut self) -> Result<(), BalancerError> {
         let mut bits = [0u64; 1024];
-        for b in self
-            .backends_set
-            .values()
-            .filter(|b| b.flags & BACKEND_ACTIVE != 0)
-        {
-            let port = usize::from(u16::from_be(b.port));
+        for port in self.backends_set.values().filter_map(|b| nat_port(*b)) {
+            let port = usize::from(u16::from_be(port));
             bits[port >> 6] |= 1 << (port & 63);
         }
         self.nat_ports
             .set(0, bits, 0)
             .map_err(map_err(maps::NAT_PORTS))
+    }
+
+    /// The ports (host order) set in the kernel's `NAT_PORTS`: sources whose
+    /// packets the program checks for a reverse-NAT entry.
+    pub fn nat_ports(&self) -> Result<Vec<u16>, BalancerError> {
+        let bits = self.nat_ports.get(&0, 0).map_err(map_err(maps::NAT_PORTS))?;
+        Ok((0..=u16::MAX)
+            .filter(|&p| bits[usize::from(p) >> 6] & (1 << (p & 63)) != 0)
+            .collect())
     }
 
     /// Ports of published services: only packets to them look up their flow

@@ -1,6 +1,6 @@
 //! The embedded object passes the verifier, and publishing is all or nothing.
 use headroom::{Balancer, BalancerError, LoadOptions};
-use lb_common::{ServiceKey, MODE_NAT, PROTO_TCP};
+use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DSR, MODE_NAT, PROTO_TCP};
 
 fn root() -> bool {
     if unsafe { libc::geteuid() } == 0 {
@@ -66,4 +66,31 @@ fn root_failed_fill_keeps_the_table() {
     // The next good publish still lands.
     lb.publish(key, 0, MODE_NAT, &[2; 7]).expect("publish");
     assert_eq!(lb.active_table(&key), Some(&[2u32; 7][..]));
+}
+
+/// Only active nat backends' ports are reverse-NAT candidates: dsr replies
+/// and host traffic from other ports skip the `NAT_REV` lookup.
+#[test]
+fn root_nat_ports_hold_active_nat_backends_only() {
+    if !root() {
+        return;
+    }
+    let mut lb = Balancer::load(&opts()).expect("load");
+    let backend = |port: u16, flags| Backend {
+        addr: [0x0a00_0002u32.to_be(), 0, 0, 0],
+        port: port.to_be(),
+        family: 4,
+        flags,
+    };
+    assert_eq!(lb.nat_ports().unwrap(), Vec::<u16>::new());
+    lb.set_backend(0, backend(8080, BACKEND_ACTIVE)).unwrap();
+    lb.set_backend(1, backend(80, BACKEND_ACTIVE | BACKEND_DSR)).unwrap();
+    assert_eq!(lb.nat_ports().unwrap(), [8080]);
+    // The same slot turned nat: its port becomes a candidate.
+    lb.set_backend(1, backend(80, BACKEND_ACTIVE)).unwrap();
+    assert_eq!(lb.nat_ports().unwrap(), [80, 8080]);
+    // And dsr again, then the nat one removed.
+    lb.set_backend(1, backend(80, BACKEND_ACTIVE | BACKEND_DSR)).unwrap();
+    lb.set_backend(0, backend(8080, 0)).unwrap();
+    assert_eq!(lb.nat_ports().unwrap(), Vec::<u16>::new());
 }
