@@ -99,7 +99,22 @@ pub async fn register<C: ConnectionLike>(
         .await
 }
 
-/// Unregistration (shim shutdown): the instance disappears from all three keys.
+/// Marks an instance as draining (shim shutdown, scale-in): balancers send
+/// it no new flows and keep its established ones.
+pub async fn mark_draining<C: ConnectionLike>(
+    conn: &mut C,
+    service: &str,
+    instance: &str,
+) -> redis::RedisResult<()> {
+    redis::cmd("SADD")
+        .arg(drain_key(service))
+        .arg(instance)
+        .query_async::<()>(conn)
+        .await
+}
+
+/// Unregistration (shim shutdown): the instance disappears from all three
+/// keys and from the drain set.
 pub async fn unregister<C: ConnectionLike>(
     conn: &mut C,
     service: &str,
@@ -117,6 +132,10 @@ pub async fn unregister<C: ConnectionLike>(
         .ignore()
         .cmd("ZREM")
         .arg(seen_key(service))
+        .arg(instance)
+        .ignore()
+        .cmd("SREM")
+        .arg(drain_key(service))
         .arg(instance)
         .ignore()
         .query_async::<()>(conn)

@@ -27,7 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::gate::{json_error, json_response, Body, Gate};
 use crate::keysync::{KeySync, KeySyncConfig};
 use crate::load_report::{LoadReporter, ReportConfig};
-use crate::per_thread::Workers;
+use crate::per_thread::{Workers, DRAIN_GRACE, DRAIN_MARGIN};
 use crate::sigv4::VerifyPolicy;
 use crate::{keystore, scoreboard};
 
@@ -151,37 +151,75 @@ pub fn upstream_client() -> UpstreamClient {
     Client::builder(TokioExecutor::new()).build(conn)
 }
 
+/// How long a stopping shim keeps accepting after marking itself draining:
+/// three of the balancer's default 100 ms refreshes.
+pub const DRAIN_NOTICE: Duration = Duration::from_millis(300);
+
 /// A running shim.
 pub struct ShimHandle {
+    /// The address the shim listens on.
     pub local_addr: SocketAddr,
+    /// The instance id in the scoreboard.
     pub instance: String,
+    /// The key sync feeding the shim's key cache.
     pub keysync: KeySync,
+    /// Requests being answered right now (the load measure).
     pub in_flight: Arc<AtomicI64>,
     service: String,
     redis: String,
     stop: watch::Sender<bool>,
+    /// The accept loop; ends once the worker threads have drained.
     server: tokio::task::JoinHandle<()>,
     background: Vec<tokio::task::JoinHandle<()>>,
     reporter: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ShimHandle {
+    /// The shim's key cache and readiness.
     pub fn state(&self) -> &Arc<crate::authz::AuthState> {
         &self.keysync.state
     }
 
-    /// Stop accepting, unregister the instance (best effort, bounded), stop
-    /// the background tasks.
+    /// Mark the instance draining (balancers stop sending it new flows),
+    /// stop accepting, let the requests in flight finish (idle keep-alive
+    /// connections close at once; at most [`DRAIN_GRACE`]), then unregister
+    /// the instance (best effort, bounded) and stop the background tasks.
     pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        self.server.abort();
+        // First, so the registration loop cannot write the instance again
+        // after it is unregistered below.
         for t in &self.background {
             t.abort();
         }
-        if let Some(r) = self.reporter {
-            // finishes a report in flight (bounded by its 5 s timeout)
-            let _ = tokio::time::timeout(Duration::from_secs(6), r).await;
+        let mark = async {
+            let mut c = keystore::connect(&self.redis, Duration::from_secs(1)).await?;
+            scoreboard::mark_draining(&mut c, &self.service, &self.instance).await
+        };
+        match tokio::time::timeout(Duration::from_secs(1), mark).await {
+            // Still accepting while balancers catch up, so the new flows
+            // they send meanwhile are served, not refused.
+            Ok(Ok(())) => tokio::time::sleep(DRAIN_NOTICE).await,
+            _ => warn!(instance = %self.instance, "could not mark the instance draining"),
         }
+        let _ = self.stop.send(true);
+        // Drain before unregistering: the balancer removes an instance that
+        // has no address and re-selects its established flows
+        // (docs/SCOREBOARD.md), which would cut the requests still in flight.
+        let mut server = self.server;
+        let drain = async {
+            // `serve` itself gives up after DRAIN_GRACE + DRAIN_MARGIN.
+            let bound = DRAIN_GRACE + DRAIN_MARGIN + Duration::from_secs(1);
+            if tokio::time::timeout(bound, &mut server).await.is_err() {
+                warn!("workers did not drain in time");
+                server.abort();
+            }
+        };
+        let report = async {
+            if let Some(r) = self.reporter {
+                // finishes a report in flight (bounded by its 5 s timeout)
+                let _ = tokio::time::timeout(Duration::from_secs(6), r).await;
+            }
+        };
+        tokio::join!(drain, report);
         let unreg = async {
             let mut c = keystore::connect(&self.redis, Duration::from_secs(2)).await?;
             scoreboard::unregister(&mut c, &self.service, &self.instance).await?;
