@@ -79,13 +79,14 @@ static NEXTHOPS: PerCpuArray<NextHop> = PerCpuArray::with_max_entries(DEFAULT_MA
 #[map(name = "NAT_PORTS")]
 static NAT_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 
-// One bit per service port: only packets to those ports look up their flow
-// before their service, so other traffic does not pay for it.
 // Room for bpf_fib_lookup's 64-byte parameters off the stack, which the TC
 // program (a subprogram under a small caller) cannot spare.
 #[map(name = "FIB_SCRATCH")]
 static FIB_SCRATCH: PerCpuArray<Fib> = PerCpuArray::with_max_entries(1, 0);
 
+// One bit per service port: packets to other ports are not for a VIP and
+// skip the service lookup; those to a VIP port look up their flow first.
+// Userspace sets a port's bit before the service exists, clears it after.
 #[map(name = "VIP_PORTS")]
 static VIP_PORTS: Array<[u64; 1024]> = Array::with_max_entries(1, 0);
 
@@ -341,29 +342,34 @@ fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, mut key: FlowKey, ip_len: u
         tcp_flags,
         ip_len,
     };
-    // An established flow needs only its conntrack entry: one hash lookup.
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let chosen = 'pick: {
-        if !syn && port_in(&VIP_PORTS, key.dport) {
-            if let Some(f) = CONNTRACK.get_ptr_mut(&key) {
-                if let Some(c) = established(&pkt, f) {
-                    break 'pick c;
+        // A port no service listens on is not a VIP's: no lookup at all.
+        if port_in(&VIP_PORTS, key.dport) {
+            // An established flow needs only its conntrack entry.
+            let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            if !syn {
+                if let Some(f) = CONNTRACK.get_ptr_mut(&key) {
+                    if let Some(c) = established(&pkt, f) {
+                        break 'pick c;
+                    }
+                }
+            }
+            let skey = ServiceKey {
+                addr: key.dst,
+                port: key.dport,
+                proto: key.proto,
+                family: key.family,
+            };
+            if let Some(svc) = unsafe { SERVICES.get(&skey) } {
+                match to_backend(ctx, &pkt, svc) {
+                    Ok(c) => break 'pick c,
+                    Err(verdict) => return verdict,
                 }
             }
         }
-        let skey = ServiceKey {
-            addr: key.dst,
-            port: key.dport,
-            proto: key.proto,
-            family: key.family,
-        };
-        match unsafe { SERVICES.get(&skey) } {
-            Some(svc) => match to_backend(ctx, &pkt, svc) {
-                Ok(c) => c,
-                Err(verdict) => return verdict,
-            },
-            None => return nat_reply(ctx, &pkt),
-        }
+        // Not for a VIP: at most a nat reply (one call site keeps the
+        // inlined code, and its stack, single).
+        return nat_reply(ctx, &pkt);
     };
     deliver(ctx, &pkt, &chosen)
 }
@@ -737,7 +743,7 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     if outer.dst[0] != w[3] {
         return counter::PASS_ICMP;
     }
-    let Some((svc, b)) = tracked(&key) else {
+    let Some((nat, b)) = tracked(&key) else {
         return counter::PASS_ICMP;
     };
     let Some(hop) = lookup_with(ctx, |fib| {
@@ -747,7 +753,7 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     }) else {
         return counter::PASS_FIB;
     };
-    if svc.mode == MODE_NAT {
+    if nat {
         // Outer destination, inner source address and port, inner IP checksum;
         // the ICMP checksum covers the inner bytes, so it follows them.
         let (Some(odst), Some(ocsum), Some(isrc), Some(icsum), Some(isport), Some(ccsum)) = (
@@ -817,7 +823,7 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     if outer.dst != key.dst {
         return counter::PASS_ICMP;
     }
-    let Some((svc, b)) = tracked(&key) else {
+    let Some((nat, b)) = tracked(&key) else {
         return counter::PASS_ICMP;
     };
     let Some(hop) = lookup_with(ctx, |fib| {
@@ -827,7 +833,7 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     }) else {
         return counter::PASS_FIB;
     };
-    if svc.mode == MODE_NAT {
+    if nat {
         // The ICMPv6 checksum covers the pseudo-header (outer destination)
         // and the quoted bytes (inner source address and port).
         let (Some(odst), Some(isrc), Some(isport), Some(ccsum)) = (
@@ -857,19 +863,24 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     forward(ctx, &hop)
 }
 
-/// The service and live backend of a tracked flow, for ICMP errors (no
+/// Whether a tracked flow is nat, and its live backend, for ICMP errors (no
 /// selection: an error about an unknown flow is not ours to route).
 #[inline(always)]
-fn tracked(key: &FlowKey) -> Option<(ServiceValue, &'static Backend)> {
-    let skey = ServiceKey {
-        addr: key.dst,
-        port: key.dport,
-        proto: key.proto,
-        family: key.family,
-    };
-    let svc = *unsafe { SERVICES.get(&skey) }?;
+fn tracked(key: &FlowKey) -> Option<(bool, &'static Backend)> {
     let f = unsafe { CONNTRACK.get(key) }?;
-    Some((svc, active_backend(f.backend)?))
+    // The flow's own mode; an entry of an older program has only its service's.
+    let nat = if f.flags & FLOW_SERVICE != 0 {
+        f.mode == MODE_NAT
+    } else {
+        let skey = ServiceKey {
+            addr: key.dst,
+            port: key.dport,
+            proto: key.proto,
+            family: key.family,
+        };
+        unsafe { SERVICES.get(&skey) }?.mode == MODE_NAT
+    };
+    Some((nat, active_backend(f.backend)?))
 }
 
 #[inline(always)]

@@ -549,7 +549,7 @@ impl Balancer {
         if !self.backends_set.is_empty() {
             self.write_nat_ports()?;
         }
-        self.write_vip_ports()
+        self.write_vip_ports(None)
     }
 
     /// The services currently published (recovered after a pinned restart).
@@ -689,11 +689,11 @@ impl Balancer {
             .collect())
     }
 
-    /// Ports of published services: only packets to them look up their flow
-    /// before their service (the program's short path for established flows).
-    fn write_vip_ports(&mut self) -> Result<(), BalancerError> {
+    /// Ports of published services (and of `extra`, about to be): the
+    /// program looks for a service, or a flow, only on packets to them.
+    fn write_vip_ports(&mut self, extra: Option<&ServiceKey>) -> Result<(), BalancerError> {
         let mut bits = [0u64; 1024];
-        for k in self.published.keys() {
+        for k in self.published.keys().chain(extra) {
             let port = usize::from(u16::from_be(k.port));
             bits[port >> 6] |= 1 << (port & 63);
         }
@@ -754,12 +754,16 @@ impl Balancer {
             flags: 0,
             _pad: [0; 2],
         };
+        if !self.published.contains_key(&key) {
+            // The program skips ports without a bit: set it before the
+            // service appears (if the insert then fails, the extra bit only
+            // costs a lookup).
+            self.write_vip_ports(Some(&key))?;
+        }
         self.services
             .insert(key, value, 0)
             .map_err(map_err(maps::SERVICES))?;
-        if self.published.insert(key, value).is_none() {
-            self.write_vip_ports()?;
-        }
+        self.published.insert(key, value);
         Ok(value)
     }
 
@@ -788,7 +792,7 @@ impl Balancer {
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), BalancerError> {
         self.services.remove(key).map_err(map_err(maps::SERVICES))?;
         self.published.remove(key);
-        self.write_vip_ports()
+        self.write_vip_ports(None)
     }
 
     /// The connection table.

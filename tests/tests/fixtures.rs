@@ -1089,13 +1089,16 @@ fn cases() -> Vec<Case> {
     ));
 
     // --- ICMP errors quoting a tracked flow.
-    for (name, vip, port, nat, bi) in [
+    // `flip`: the service changes mode after the flow began; the error still
+    // follows the flow's own mode (recorded in its entry).
+    for (name, vip, port, nat, bi, flip) in [
         (
             "ICMP frag-needed for a nat flow: to its backend, quote rewritten",
             v4(VIP4),
             80u16,
             true,
             0u8,
+            false,
         ),
         (
             "ICMP frag-needed for a dsr flow: to its backend, MACs only",
@@ -1103,6 +1106,7 @@ fn cases() -> Vec<Case> {
             443,
             false,
             1,
+            false,
         ),
         (
             "ICMPv6 packet-too-big for a nat flow: to its backend, quote rewritten",
@@ -1110,6 +1114,7 @@ fn cases() -> Vec<Case> {
             80,
             true,
             0,
+            false,
         ),
         (
             "ICMPv6 packet-too-big for a dsr flow: to its backend, MACs only",
@@ -1117,6 +1122,23 @@ fn cases() -> Vec<Case> {
             443,
             false,
             1,
+            false,
+        ),
+        (
+            "ICMP frag-needed for a nat flow whose service turned dsr: quote rewritten",
+            v4(VIP4),
+            80,
+            true,
+            0,
+            true,
+        ),
+        (
+            "ICMPv6 packet-too-big for a dsr flow whose service turned nat: MACs only",
+            v6(VIP6),
+            443,
+            false,
+            1,
+            true,
         ),
     ] {
         v.push((
@@ -1136,6 +1158,11 @@ fn cases() -> Vec<Case> {
                 };
                 let syn = Desc::tcp(vip, 40060, port, SYN);
                 c.new_flow("SYN", &syn, bi, nat, svc, bid)?;
+                if flip {
+                    let (key, mode) = (c.key(svc), if nat { MODE_DSR } else { MODE_NAT });
+                    c.lb.publish(key, svc, mode, &vec![bid; M as usize])
+                        .map_err(|e| e.to_string())?;
+                }
                 let quote = quote_of_reply(&syn);
                 let input = icmp_error(is4, vip, &quote, CLIENT_MAC, FX0_MAC);
                 let be: IpAddr = if is4 {
