@@ -77,15 +77,18 @@ pub async fn write_reports<C: ConnectionLike>(
 }
 
 /// Registration of an instance (shim start): address + service set, one
-/// atomic round trip.
+/// atomic round trip. `fresh` (a process's first registration) also clears
+/// a drain mark an earlier process of the same instance left behind (killed
+/// mid-shutdown); later re-registrations keep a scale-in mark.
 pub async fn register<C: ConnectionLike>(
     conn: &mut C,
     service: &str,
     instance: &str,
     addr: &str,
+    fresh: bool,
 ) -> redis::RedisResult<()> {
-    redis::pipe()
-        .atomic()
+    let mut p = redis::pipe();
+    p.atomic()
         .cmd("HSET")
         .arg(addr_key(service))
         .arg(instance)
@@ -94,9 +97,11 @@ pub async fn register<C: ConnectionLike>(
         .cmd("SADD")
         .arg(SERVICES_SET)
         .arg(service)
-        .ignore()
-        .query_async::<()>(conn)
-        .await
+        .ignore();
+    if fresh {
+        p.cmd("SREM").arg(drain_key(service)).arg(instance).ignore();
+    }
+    p.query_async::<()>(conn).await
 }
 
 /// Marks an instance as draining (shim shutdown, scale-in): balancers send

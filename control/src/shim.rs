@@ -180,15 +180,18 @@ impl ShimHandle {
         &self.keysync.state
     }
 
-    /// Mark the instance draining (balancers stop sending it new flows),
-    /// stop accepting, let the requests in flight finish (idle keep-alive
-    /// connections close at once; at most [`DRAIN_GRACE`]), then unregister
-    /// the instance (best effort, bounded) and stop the background tasks.
+    /// Stop the registration loop, mark the instance draining (balancers
+    /// stop sending it new flows), stop accepting, let the requests in
+    /// flight finish (idle keep-alive connections close at once; at most
+    /// [`DRAIN_GRACE`]), then unregister the instance and stop key sync.
+    /// Bounded: about 8 s with Redis unreachable (each Redis step has its
+    /// own timeout), under the agent's default 10 s stop grace.
     pub async fn shutdown(self) {
-        // First, so the registration loop cannot write the instance again
-        // after it is unregistered below.
-        for t in &self.background {
+        // First, and awaited, so no registration write can land after the
+        // unregistration below.
+        for t in self.background {
             t.abort();
+            let _ = t.await;
         }
         let mark = async {
             let mut c = keystore::connect(&self.redis, Duration::from_secs(1)).await?;
@@ -213,13 +216,13 @@ impl ShimHandle {
                 server.abort();
             }
         };
-        let report = async {
-            if let Some(r) = self.reporter {
-                // finishes a report in flight (bounded by its 5 s timeout)
-                let _ = tokio::time::timeout(Duration::from_secs(6), r).await;
-            }
-        };
-        tokio::join!(drain, report);
+        drain.await;
+        // Load reports go with the instance's records below: one in flight
+        // now is of no use.
+        if let Some(r) = self.reporter {
+            r.abort();
+            let _ = r.await;
+        }
         let unreg = async {
             let mut c = keystore::connect(&self.redis, Duration::from_secs(2)).await?;
             scoreboard::unregister(&mut c, &self.service, &self.instance).await?;
@@ -368,7 +371,7 @@ async fn register_loop(redis: String, service: String, instance: String, addr: S
     loop {
         let r = async {
             let mut c = keystore::connect(&redis, Duration::from_secs(2)).await?;
-            scoreboard::register(&mut c, &service, &instance, &addr).await?;
+            scoreboard::register(&mut c, &service, &instance, &addr, !registered).await?;
             keystore::register_instance(&mut c, &service, &instance, &info)
                 .await
                 .map_err(|e| redis::RedisError::from(std::io::Error::other(e.to_string())))?;
