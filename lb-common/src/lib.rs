@@ -28,7 +28,8 @@ pub const BACKEND_ACTIVE: u8 = 1;
 pub const BACKEND_DRAINING: u8 = 2;
 /// Backend flag: a dsr service's backend. Its replies go straight to the
 /// client, so userspace leaves its port out of `NAT_PORTS` (the program
-/// never looks for a reverse-NAT entry for them).
+/// skips the reverse-NAT lookup for them, unless a nat backend uses the
+/// same port).
 pub const BACKEND_DSR: u8 = 4;
 
 /// Table entry meaning "no backend": a service whose table holds it drops new flows.

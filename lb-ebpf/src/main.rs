@@ -863,24 +863,28 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     forward(ctx, &hop)
 }
 
-/// Whether a tracked flow is nat, and its live backend, for ICMP errors (no
-/// selection: an error about an unknown flow is not ours to route).
+/// Whether a tracked flow of a current service is nat, and its live
+/// backend, for ICMP errors (no selection: an error about an unknown flow is
+/// not ours to route).
 #[inline(always)]
 fn tracked(key: &FlowKey) -> Option<(bool, &'static Backend)> {
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: key.dport,
+        proto: key.proto,
+        family: key.family,
+    };
+    // Only for a VIP that is still a service (errors are rare: the lookup
+    // costs nothing that matters).
+    let svc = unsafe { SERVICES.get(&skey) }?;
     let f = unsafe { CONNTRACK.get(key) }?;
     // The flow's own mode; an entry of an older program has only its service's.
-    let nat = if f.flags & FLOW_SERVICE != 0 {
-        f.mode == MODE_NAT
+    let mode = if f.flags & FLOW_SERVICE != 0 {
+        f.mode
     } else {
-        let skey = ServiceKey {
-            addr: key.dst,
-            port: key.dport,
-            proto: key.proto,
-            family: key.family,
-        };
-        unsafe { SERVICES.get(&skey) }?.mode == MODE_NAT
+        svc.mode
     };
-    Some((nat, active_backend(f.backend)?))
+    Some((mode == MODE_NAT, active_backend(f.backend)?))
 }
 
 #[inline(always)]

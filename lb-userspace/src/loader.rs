@@ -138,6 +138,13 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BalancerError {
     move |source| BalancerError::Map { name, source }
 }
 
+/// The ports (host order) whose bits are set in a port bitmap.
+fn ports_of(bits: &[u64; 1024]) -> Vec<u16> {
+    (0..=u16::MAX)
+        .filter(|&p| bits[usize::from(p) >> 6] & (1 << (p & 63)) != 0)
+        .collect()
+}
+
 /// The port (network order) replies of `b` come from, if they can be nat
 /// replies: active, and not a dsr backend (whose replies bypass us).
 fn nat_port(b: Backend) -> Option<u16> {
@@ -684,9 +691,14 @@ impl Balancer {
     /// packets the program checks for a reverse-NAT entry.
     pub fn nat_ports(&self) -> Result<Vec<u16>, BalancerError> {
         let bits = self.nat_ports.get(&0, 0).map_err(map_err(maps::NAT_PORTS))?;
-        Ok((0..=u16::MAX)
-            .filter(|&p| bits[usize::from(p) >> 6] & (1 << (p & 63)) != 0)
-            .collect())
+        Ok(ports_of(&bits))
+    }
+
+    /// The ports (host order) set in the kernel's `VIP_PORTS`: destinations
+    /// whose packets the program looks up as a service's.
+    pub fn vip_ports(&self) -> Result<Vec<u16>, BalancerError> {
+        let bits = self.vip_ports.get(&0, 0).map_err(map_err(maps::VIP_PORTS))?;
+        Ok(ports_of(&bits))
     }
 
     /// Ports of published services (and of `extra`, about to be): the

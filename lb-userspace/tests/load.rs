@@ -1,6 +1,6 @@
 //! The embedded object passes the verifier, and publishing is all or nothing.
 use headroom::{Balancer, BalancerError, LoadOptions};
-use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DSR, MODE_NAT, PROTO_TCP};
+use lb_common::{Backend, ServiceKey, BACKEND_ACTIVE, BACKEND_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP};
 
 fn root() -> bool {
     if unsafe { libc::geteuid() } == 0 {
@@ -84,13 +84,44 @@ fn root_nat_ports_hold_active_nat_backends_only() {
     };
     assert_eq!(lb.nat_ports().unwrap(), Vec::<u16>::new());
     lb.set_backend(0, backend(8080, BACKEND_ACTIVE)).unwrap();
-    lb.set_backend(1, backend(80, BACKEND_ACTIVE | BACKEND_DSR)).unwrap();
+    lb.set_backend(1, backend(80, BACKEND_ACTIVE | BACKEND_DSR))
+        .unwrap();
     assert_eq!(lb.nat_ports().unwrap(), [8080]);
     // The same slot turned nat: its port becomes a candidate.
     lb.set_backend(1, backend(80, BACKEND_ACTIVE)).unwrap();
     assert_eq!(lb.nat_ports().unwrap(), [80, 8080]);
     // And dsr again, then the nat one removed.
-    lb.set_backend(1, backend(80, BACKEND_ACTIVE | BACKEND_DSR)).unwrap();
+    lb.set_backend(1, backend(80, BACKEND_ACTIVE | BACKEND_DSR))
+        .unwrap();
     lb.set_backend(0, backend(8080, 0)).unwrap();
     assert_eq!(lb.nat_ports().unwrap(), Vec::<u16>::new());
+}
+
+/// A port's bit is set while any published service uses it: the program
+/// looks for a service only on packets to those ports.
+#[test]
+fn root_vip_ports_follow_the_published_services() {
+    if !root() {
+        return;
+    }
+    let mut lb = Balancer::load(&opts()).expect("load");
+    let key = |port: u16, proto| ServiceKey {
+        addr: [0x0a00_0001u32.to_be(), 0, 0, 0],
+        port: port.to_be(),
+        proto,
+        family: 4,
+    };
+    assert_eq!(lb.vip_ports().unwrap(), Vec::<u16>::new());
+    lb.publish(key(53, PROTO_TCP), 0, MODE_NAT, &[0; 7])
+        .unwrap();
+    lb.publish(key(53, PROTO_UDP), 1, MODE_NAT, &[0; 7])
+        .unwrap();
+    lb.publish(key(80, PROTO_TCP), 2, MODE_NAT, &[0; 7])
+        .unwrap();
+    assert_eq!(lb.vip_ports().unwrap(), [53, 80]);
+    // Shared by two services: kept until the last one goes.
+    lb.remove_service(&key(53, PROTO_TCP)).unwrap();
+    assert_eq!(lb.vip_ports().unwrap(), [53, 80]);
+    lb.remove_service(&key(53, PROTO_UDP)).unwrap();
+    assert_eq!(lb.vip_ports().unwrap(), [80]);
 }

@@ -274,6 +274,26 @@ fn parse_stat(stat: &str) -> Result<CpuTimes> {
     })
 }
 
+/// Headroom's BPF programs: the balancer at XDP and at TC, and the pass
+/// program XDP needs on veth peers (its runs are the balancer's cost).
+pub const PROGRAMS: [&str; 3] = [
+    lb_common::programs::BALANCER,
+    lb_common::programs::TC,
+    lb_common::programs::PASS,
+];
+
+/// Run time and run count, summed over every loaded BPF program named in
+/// `names`, as the kernel counts them while `aya::sys::enable_stats` is on.
+/// A program unloaded while the list is read is skipped.
+pub fn prog_stats(names: &[&str]) -> (std::time::Duration, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|info| info.name_as_str().is_some_and(|n| names.contains(&n)))
+        .fold((std::time::Duration::ZERO, 0), |(t, n), info| {
+            (t + info.run_time(), n + info.run_count())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

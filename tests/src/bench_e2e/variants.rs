@@ -75,6 +75,17 @@ impl Variant {
         }
     }
 
+    /// A Headroom variant (our programs do its balancing).
+    pub fn is_headroom(self) -> bool {
+        matches!(
+            self,
+            Variant::HeadroomNat
+                | Variant::HeadroomDsr
+                | Variant::HeadroomNatTc
+                | Variant::HeadroomDsrTc
+        )
+    }
+
     /// The offloads the variant runs with by default.
     pub fn offloads(self) -> Offloads {
         match self {

@@ -88,6 +88,10 @@ struct Sample {
     bulk1_gbps: f64,
     bulk4_gbps: f64,
     errors: u64,
+    /// Headroom variants: the kernel's run time of our programs and their
+    /// runs, per connection, over a separate `Connection: close` run.
+    prog_ns_per_conn: Option<f64>,
+    prog_runs_per_conn: Option<f64>,
 }
 
 fn main() -> Result<()> {
@@ -260,6 +264,32 @@ fn measure_variant(
     let bulk = SocketAddr::from((VIP, BULK_PORT));
     s.bulk1_gbps = measure::bulk(&net.client, servers, bulk, 1, args.duration)?;
     s.bulk4_gbps = measure::bulk(&net.client, servers, bulk, 4, args.duration)?;
+    if v.is_headroom() {
+        // Its own run, last (the others compare with ECMP on equal terms):
+        // the stats clock reads cost the program time.
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .context("enabling BPF run-time stats")?;
+        let (t0, n0) = measure::prog_stats(&measure::PROGRAMS);
+        let r = measure::wrk(
+            &net.client,
+            &url,
+            args.duration,
+            args.threads,
+            args.connections,
+            true,
+        )?;
+        let (t1, n1) = measure::prog_stats(&measure::PROGRAMS);
+        ensure!(r.requests > 0, "no connection completed");
+        let conns = r.requests as f64;
+        // A program replaced meanwhile (none should be) spoils the sample.
+        if let (Some(t), Some(n)) = (t1.checked_sub(t0), n1.checked_sub(n0)) {
+            if n > 0 {
+                s.prog_ns_per_conn = Some(t.as_nanos() as f64 / conns);
+                s.prog_runs_per_conn = Some(n as f64 / conns);
+            }
+        }
+        s.errors += r.errors;
+    }
     drop(installed);
     Ok(s)
 }
@@ -324,6 +354,13 @@ fn report(samples: &BTreeMap<Variant, Vec<Sample>>, variants: &[Variant]) {
             ss.iter().map(|s| s.errors).sum::<u64>(),
         );
     }
+    let any_prog = samples
+        .values()
+        .flatten()
+        .any(|s| s.prog_ns_per_conn.is_some());
+    if any_prog {
+        print_prog_stats(samples, variants);
+    }
     println!("\nper round (conn/s, req/s, bulk 4 as × ECMP):\n");
     for (r, e) in ecmp.iter().enumerate() {
         let cells: Vec<String> = variants
@@ -339,6 +376,29 @@ fn report(samples: &BTreeMap<Variant, Vec<Sample>>, variants: &[Variant]) {
             })
             .collect();
         println!("- round {}: {}", r + 1, cells.join("; "));
+    }
+}
+
+/// The programs' own run time per connection (Headroom variants).
+fn print_prog_stats(samples: &BTreeMap<Variant, Vec<Sample>>, variants: &[Variant]) {
+    println!("\n### The balancer programs' own time (kernel BPF run-time stats, separate `Connection: close` run)\n");
+    println!("An upper bound of what a TC variant adds to ECMP's CPU per connection: its redirects replace the routing ECMP does, its passes add to it.\n");
+    println!("| variant | program runs/conn | program ns/conn | ns/run |");
+    println!("|---|---:|---:|---:|");
+    for v in variants {
+        let Some(ss) = samples.get(v) else { continue };
+        let runs: Vec<f64> = ss.iter().filter_map(|s| s.prog_runs_per_conn).collect();
+        let ns: Vec<f64> = ss.iter().filter_map(|s| s.prog_ns_per_conn).collect();
+        if ns.is_empty() {
+            continue;
+        }
+        let per_run: Vec<f64> = ns.iter().zip(&runs).map(|(t, n)| t / n).collect();
+        println!(
+            "| {v} | {} | {} | {} |",
+            stats::show(&runs, 1),
+            stats::show(&ns, 0),
+            stats::show(&per_run, 0)
+        );
     }
 }
 
