@@ -7,14 +7,17 @@
 //! the server task and the pooled client's connection task run on different
 //! workers.
 //!
-//! Shutdown: [`Workers::serve`] stops accepting when told, closes idle
-//! keep-alive connections at once, lets requests in progress finish (at most
-//! [`DRAIN_GRACE`]) and returns only when every worker thread has ended.
+//! Shutdown: [`Workers::serve`] stops accepting when told (connections
+//! already queued by the kernel are still taken and served), closes idle
+//! keep-alive connections at once, gives connections that have not sent
+//! their first request yet [`FIRST_REQUEST_WAIT`] to do so, lets requests in
+//! progress finish (at most [`DRAIN_GRACE`]) and returns only when every
+//! worker thread has ended.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +27,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::{debug, warn, Instrument, Span};
 
@@ -33,6 +36,19 @@ use crate::gate::Body;
 /// How long a worker keeps serving its open connections once the accept
 /// loop has stopped, before closing them.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// How long, once draining, a connection that has not sent its first
+/// request yet is kept open for it. Such a connection was typically let in
+/// during the shim's drain notice, just before the stop; closing it at once
+/// would drop a request that is already on its way.
+pub const FIRST_REQUEST_WAIT: Duration = Duration::from_millis(250);
+
+// The wait is part of the grace, never beyond it.
+const _: () = assert!(FIRST_REQUEST_WAIT.as_nanos() <= DRAIN_GRACE.as_nanos());
+
+/// At most this many connections already queued by the kernel are taken at
+/// stop (the default `somaxconn`), so a flood cannot hold the stop forever.
+const STOP_ACCEPT_LIMIT: usize = 4096;
 
 /// How much longer than [`DRAIN_GRACE`] [`Workers::serve`] waits for the
 /// worker threads to end (their runtimes still have to shut down).
@@ -178,15 +194,20 @@ impl Workers {
     }
 
     /// Accept on `listener` until `stop` changes, handing each connection to
-    /// the worker with the fewest open connections. Then stop listening,
-    /// close idle keep-alive connections, let requests in progress finish
-    /// (at most [`DRAIN_GRACE`], then the rest are closed) and return once
-    /// every worker thread has ended (waiting at most [`DRAIN_GRACE`] +
-    /// [`DRAIN_MARGIN`]). Dropped instead, the workers drain the same way
-    /// but nobody waits for them.
+    /// the worker with the fewest open connections. Then take the
+    /// connections the kernel already completed but not yet handed over,
+    /// stop listening, close idle keep-alive connections, give connections
+    /// without a request yet [`FIRST_REQUEST_WAIT`] to send one, let
+    /// requests in progress finish (at most [`DRAIN_GRACE`], then the rest
+    /// are closed) and return once every worker thread has ended (waiting at
+    /// most [`DRAIN_GRACE`] + [`DRAIN_MARGIN`]). Dropped instead, the
+    /// workers drain the same way but nobody waits for them.
     pub async fn serve(mut self, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
+                // Stop first: under a steady stream of connections the loop
+                // must still end; what is queued is taken just below.
+                biased;
                 _ = stop.changed() => break,
                 acc = listener.accept() => match acc.and_then(|(s, _)| s.into_std()) {
                     Ok(stream) => self.hand_off(stream),
@@ -197,8 +218,7 @@ impl Workers {
                 },
             }
         }
-        // New connections are refused from here on.
-        drop(listener);
+        self.accept_queued(listener);
         let Workers { slots, done, .. } = self;
         // The hand-off channels closing is the workers' signal to drain.
         drop(slots);
@@ -214,6 +234,37 @@ impl Workers {
         {
             warn!("worker threads still running after the drain grace; not waiting longer");
         }
+    }
+
+    /// Hand over every connection whose handshake the kernel completed but
+    /// that was not accepted yet, without waiting for more, then close the
+    /// listener: closing it with connections still queued would reset them.
+    fn accept_queued(&mut self, listener: TcpListener) {
+        // Non-blocking (tokio's socket already is): accept until it would block.
+        let listener = match listener.into_std() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "could not take queued connections at stop");
+                return;
+            }
+        };
+        for _ in 0..STOP_ACCEPT_LIMIT {
+            match listener.accept() {
+                // An accepted std socket is blocking; tokio needs it not to be.
+                Ok((s, _)) => match s.set_nonblocking(true) {
+                    Ok(()) => self.hand_off(s),
+                    Err(e) => warn!(error = %e, "could not take a queued connection at stop"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // ECONNABORTED and the like: that one connection is gone.
+                    debug!(error = %e, "accept at stop failed");
+                }
+            }
+        }
+        // New connections are refused from here on.
+        drop(listener);
     }
 
     /// Give `stream` to the live worker with the fewest open connections;
@@ -270,6 +321,9 @@ where
     let mut stops: HashMap<tokio::task::Id, oneshot::Sender<()>> = HashMap::new();
     loop {
         tokio::select! {
+            // Received connections first, so every one handed off before the
+            // close is started before the drain begins.
+            biased;
             h = rx.recv() => match h {
                 Some(h) => {
                     let (tx, stop) = oneshot::channel();
@@ -297,6 +351,41 @@ where
     // `conns` dropped here: connections still open after the grace are closed.
 }
 
+/// What a connection's service and its drain tell each other. Both run on
+/// the connection's own task, so relaxed ordering is enough.
+#[derive(Default)]
+struct ConnState {
+    /// A request has been read.
+    seen: AtomicBool,
+    /// Woken once, when the first request is read.
+    first: Notify,
+    /// The drain has begun: answers say `Connection: close`.
+    draining: AtomicBool,
+}
+
+impl ConnState {
+    /// Called for every request: only the first one writes anything.
+    fn request_read(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+            self.first.notify_one();
+        }
+    }
+
+    /// Mark `resp` as the connection's last if the drain has begun. hyper
+    /// only does so itself for a request in progress when the drain starts,
+    /// not for one read and answered within a single poll during the wait.
+    fn finish(&self, mut resp: Response<Body>) -> Response<Body> {
+        if self.draining.load(Ordering::Relaxed) {
+            resp.headers_mut().insert(
+                hyper::header::CONNECTION,
+                hyper::header::HeaderValue::from_static("close"),
+            );
+        }
+        resp
+    }
+}
+
 async fn serve_connection<F, Fut>(h: Handoff, handler: F, mut stop: oneshot::Receiver<()>)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -314,16 +403,38 @@ where
         }
     };
     let _ = stream.set_nodelay(true);
-    let svc = service_fn(move |req| {
-        let h = handler.clone();
-        async move { Ok::<_, Infallible>(h(req).await) }
-    });
+    let state = Arc::new(ConnState::default());
+    let svc = {
+        let state = state.clone();
+        service_fn(move |req| {
+            state.request_read();
+            let (h, state) = (handler.clone(), state.clone());
+            async move { Ok::<_, Infallible>(state.finish(h(req).await)) }
+        })
+    };
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let r = tokio::select! {
+        // The connection first: a request it can already read when the stop
+        // comes is taken (and so answered) first. One whose bytes the
+        // reactor has not reported yet (a connection just registered) is
+        // what the wait below is for.
+        biased;
         r = conn.as_mut() => r,
-        _ = &mut stop => {
-            // Idle keep-alive: closes now; mid-request: answers, then closes.
+        _ = &mut stop => 'drain: {
+            state.draining.store(true, Ordering::Relaxed);
+            if !state.seen.load(Ordering::Relaxed) {
+                // hyper closes a connection that has read nothing at once:
+                // give its first request a moment to arrive, serving on.
+                let wait = tokio::time::timeout(FIRST_REQUEST_WAIT, state.first.notified());
+                tokio::select! {
+                    biased;
+                    r = conn.as_mut() => break 'drain r,
+                    _ = wait => {}
+                }
+            }
+            // Idle keep-alive or still nothing read: closes now;
+            // mid-request: answers (`Connection: close`), then closes.
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -400,7 +511,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_are_served_round_robin_each_on_one_worker_thread() {
+    async fn least_connections_dispatch_rotates_ties_and_keeps_each_connection_on_its_thread() {
         let workers = start_named(2, "ptest");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -420,7 +531,8 @@ mod tests {
             }
             seen.push(first);
         }
-        // Accepted in order, handed out in turn.
+        // Accepted in order; each found both workers equally loaded, and
+        // the tie went to the next worker in turn.
         assert_eq!(seen, ["ptest-0", "ptest-1", "ptest-0", "ptest-1"]);
 
         // Stopped: no new connections; the open ones, idle between
@@ -576,5 +688,113 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(r.is_err(), "the held request was answered: {r:?}");
+    }
+
+    /// A whole HTTP/1.1 request for `/`, as a client writes it.
+    const RAW_GET: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    /// Everything the server sends on `s` until it closes the connection
+    /// (bounded: panics after 10 s).
+    async fn read_to_close(s: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+            .await
+            .expect("the server did not close the connection")
+            .expect("the connection was reset instead of answered and closed");
+        String::from_utf8(buf).unwrap()
+    }
+
+    /// Polls until nothing listens on `addr` any more (bounded).
+    async fn wait_refused(addr: std::net::SocketAddr) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still listening after the stop"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_whose_first_request_comes_just_after_the_stop_is_answered() {
+        use tokio::io::AsyncWriteExt;
+        let workers = start_named(1, "late");
+        let open = workers.open_counts();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(workers.serve(listener, stop_rx));
+
+        // Connected and handed to the worker, but no request sent yet (as a
+        // connection let in during the shim's drain notice) ...
+        let mut late = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // ... and one that never sends anything.
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        wait_until(
+            "both connections at the worker",
+            Duration::from_secs(5),
+            || open() == [2],
+        )
+        .await;
+
+        stop.send(true).unwrap();
+        wait_refused(addr).await;
+        // The accept loop has closed the listener and so released the
+        // workers; nothing outside shows the stop reaching the connection,
+        // so give it a moment (well inside FIRST_REQUEST_WAIT).
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        late.write_all(RAW_GET).await.unwrap();
+        let answer = read_to_close(&mut late).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{answer:?}"
+        );
+        assert!(answer.ends_with("\r\n\r\nlate-0"), "{answer:?}");
+
+        // The silent one is closed without an answer once the wait is over.
+        assert_eq!(read_to_close(&mut silent).await, "");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(open(), [0]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_queued_by_the_kernel_at_the_stop_are_accepted_and_answered() {
+        use tokio::io::AsyncWriteExt;
+        let workers = start_named(1, "queued");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+
+        // Nothing accepts yet: the kernel completes these handshakes and
+        // queues the connections, requests included.
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(RAW_GET).await.unwrap();
+            clients.push(s);
+        }
+        // Stopped before the accept loop runs: it sees the stop first, so
+        // these connections are only served if the queue is taken at stop
+        // (closing the listener with them queued would reset them).
+        stop.send(true).unwrap();
+        let server = tokio::spawn(workers.serve(listener, stop_rx));
+        for s in &mut clients {
+            let answer = read_to_close(s).await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+            assert!(answer.ends_with("\r\n\r\nqueued-0"), "{answer:?}");
+        }
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 }

@@ -1,7 +1,9 @@
-//! Graceful shutdown of a real shim (real Redis, real sockets): a signed
-//! request in flight when `shutdown()` is called is answered in full, the
-//! instance stays registered while it drains, `shutdown()` returns only
-//! after the request was answered, and new connections are refused.
+//! Graceful shutdown of a real shim (real Redis, real sockets): once the
+//! instance is marked draining a request on a new connection is still
+//! answered (the drain notice), an idle keep-alive connection is closed
+//! while a signed request in flight is answered in full, the instance stays
+//! registered while it drains, `shutdown()` returns only after the request
+//! was answered, and new connections are refused.
 
 mod common;
 
@@ -14,7 +16,8 @@ use common::*;
 use headroom_control::keystore::{Grant, KeyStore};
 use headroom_control::scoreboard::{addr_key, drain_key};
 use headroom_control::shim::{start_shim, ShimArgs};
-use http_body_util::Full;
+use headroom_control::sigv4;
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::sync::{mpsc, watch};
@@ -58,6 +61,29 @@ async fn start_gated_upstream(
         }
     });
     addr
+}
+
+/// A signed GET for `path` to the shim at `addr`, for a client connection
+/// of the test's own (the pooled client would reuse its connections).
+fn signed_get(addr: SocketAddr, path: &str, creds: &Creds) -> Request<Full<Bytes>> {
+    let host = addr.to_string();
+    let hdrs = sigv4::sign(
+        "GET",
+        path,
+        "",
+        &[("host", &host)],
+        b"",
+        &creds.akid,
+        &creds.secret,
+        REGION,
+        SVC,
+        sigv4::unix_now(),
+    );
+    let mut b = Request::builder().uri(path).header("host", &host);
+    for (n, v) in &hdrs {
+        b = b.header(n.as_str(), v.as_str());
+    }
+    b.body(Full::new(Bytes::new())).unwrap()
 }
 
 fn registered(conn: &mut redis::Connection, instance: &str) -> bool {
@@ -114,12 +140,26 @@ async fn a_request_in_flight_at_shutdown_is_answered_before_shutdown_returns() {
     })
     .await;
 
-    let c = client();
-    // A request answered at once, so the client also holds an idle
-    // keep-alive connection to the shim when it stops.
-    let (st, body) = signed(&c, addr, "GET", "/api/fast", b"", &creds, SVC).await;
-    assert_eq!((st, body.as_str()), (200, "fast answer"));
+    // A request answered at once on a connection of its own, which stays
+    // open and idle (keep-alive) until the shim stops; `idle_task` ends when
+    // the connection does.
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut idle, idle_conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    let idle_task = tokio::spawn(async move {
+        let _ = idle_conn.await;
+    });
+    let resp = tokio::time::timeout(T, idle.send_request(signed_get(addr, "/api/fast", &creds)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"fast answer");
 
+    // The pooled client has no connection yet: the slow request gets a new one.
+    let c = client();
     let req = {
         let (c, creds) = (c.clone(), creds.clone());
         tokio::spawn(async move { signed(&c, addr, "GET", "/api/slow", b"", &creds, SVC).await })
@@ -131,6 +171,17 @@ async fn a_request_in_flight_at_shutdown_is_answered_before_shutdown_returns() {
     assert_eq!(in_flight.load(Ordering::Relaxed), 1);
 
     let shutdown = tokio::spawn(shim.shutdown());
+    // Marked draining, the shim still accepts for its drain notice, while
+    // balancers catch up: a request on a new connection sent right then is
+    // answered, not refused or dropped.
+    eventually(T, "the instance marked draining", || {
+        let d = draining(&mut rc, &instance);
+        async move { d }
+    })
+    .await;
+    let (st, body) = signed(&client(), addr, "GET", "/api/fast", b"", &creds, SVC).await;
+    assert_eq!((st, body.as_str()), (200, "fast answer"));
+
     eventually(T, "the shim to stop accepting", || async move {
         tokio::net::TcpStream::connect(addr).await.is_err()
     })
@@ -141,6 +192,14 @@ async fn a_request_in_flight_at_shutdown_is_answered_before_shutdown_returns() {
     assert!(registered(&mut rc, &instance));
     assert!(draining(&mut rc, &instance));
     assert!(!shutdown.is_finished());
+    assert!(!req.is_finished());
+    // The idle keep-alive connection is closed by the shim at once, not
+    // kept for the grace, while the slow request is still held.
+    tokio::time::timeout(T, idle_task)
+        .await
+        .expect("the shim closed the idle connection")
+        .unwrap();
+    assert!(idle.is_closed());
     assert!(!req.is_finished());
 
     release.send(true).unwrap();
