@@ -487,6 +487,21 @@ mod tests {
         connect_tracked(addr).await.0
     }
 
+    /// `workers` serving a fresh loopback listener: its address, the stop
+    /// switch and the serving task.
+    async fn serve_on_loopback(
+        workers: Workers,
+    ) -> (
+        std::net::SocketAddr,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        (addr, stop, tokio::spawn(workers.serve(listener, stop_rx)))
+    }
+
     /// Workers answering every request with the name of their thread.
     fn start_named(threads: usize, name: &str) -> Workers {
         Workers::start(threads, name, || {
@@ -513,10 +528,7 @@ mod tests {
     #[tokio::test]
     async fn least_connections_dispatch_rotates_ties_and_keeps_each_connection_on_its_thread() {
         let workers = start_named(2, "ptest");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(workers.serve(listener, stop_rx));
+        let (addr, stop, server) = serve_on_loopback(workers).await;
 
         let mut conns = Vec::new();
         for _ in 0..4 {
@@ -550,10 +562,7 @@ mod tests {
     async fn a_connection_goes_to_the_worker_with_the_fewest_open_connections() {
         let workers = start_named(2, "lctest");
         let open = workers.open_counts();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(workers.serve(listener, stop_rx));
+        let (addr, stop, server) = serve_on_loopback(workers).await;
 
         let mut a = connect(addr).await;
         assert_eq!(get(&mut a).await, "lctest-0");
@@ -616,10 +625,7 @@ mod tests {
         let (entered_tx, mut entered) = mpsc::unbounded_channel();
         let (release, release_rx) = watch::channel(false);
         let workers = start_gated("drain", entered_tx, release_rx);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(workers.serve(listener, stop_rx));
+        let (addr, stop, server) = serve_on_loopback(workers).await;
 
         // An idle keep-alive connection (one request answered) ...
         let (mut idle, idle_task) = connect_tracked(addr).await;
@@ -666,10 +672,7 @@ mod tests {
         // Never released.
         let (_release, release_rx) = watch::channel(false);
         let workers = start_gated("grace", entered_tx, release_rx);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(workers.serve(listener, stop_rx));
+        let (addr, stop, server) = serve_on_loopback(workers).await;
 
         let mut busy = connect(addr).await;
         let slow = tokio::spawn(async move { try_get(&mut busy, "/slow").await });
@@ -722,10 +725,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let workers = start_named(1, "late");
         let open = workers.open_counts();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stop_rx) = watch::channel(false);
-        let server = tokio::spawn(workers.serve(listener, stop_rx));
+        let (addr, stop, server) = serve_on_loopback(workers).await;
 
         // Connected and handed to the worker, but no request sent yet (as a
         // connection let in during the shim's drain notice) ...

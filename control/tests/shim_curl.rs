@@ -402,21 +402,7 @@ async fn tampered_requests_are_rejected_with_reason() {
         (400, "non_canonical_path"),
         "{body}"
     );
-    let bob = e.ks.create_key("bob").await.unwrap();
-    e.ks.set_grant(
-        "billing",
-        "bob",
-        &Grant {
-            methods: vec!["*".into()],
-            prefixes: vec!["/".into()],
-        },
-    )
-    .await
-    .unwrap();
-    let bob = Creds {
-        akid: bob.access_key_id,
-        secret: bob.secret,
-    };
+    let bob = granted_key(&mut e.ks, "bob", "billing", &["*"], &["/"]).await;
     let url = format!("http://127.0.0.1:{port}/api/x");
     eventually(Duration::from_secs(5), "bob's key reaches the shim", || {
         let r = curl_signed(&bob, &scope, &[], &url);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use headroom_control::keystore::{Grant, KeyStore};
+use headroom_control::keystore::KeyStore;
 use headroom_control::scoreboard::{addr_key, drain_key};
 use headroom_control::shim::{start_shim, ShimArgs};
 use headroom_control::sigv4;
@@ -108,21 +108,7 @@ async fn a_request_in_flight_at_shutdown_is_answered_before_shutdown_returns() {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut ks = KeyStore::connect(&redis.url()).await.unwrap();
-    let k = ks.create_key("alice").await.unwrap();
-    ks.set_grant(
-        SVC,
-        "alice",
-        &Grant {
-            methods: vec!["GET".into()],
-            prefixes: vec!["/api".into()],
-        },
-    )
-    .await
-    .unwrap();
-    let creds = Creds {
-        akid: k.access_key_id,
-        secret: k.secret,
-    };
+    let creds = granted_key(&mut ks, "alice", SVC, &["GET"], &["/api"]).await;
     let (entered_tx, mut entered) = mpsc::unbounded_channel();
     let (release, release_rx) = watch::channel(false);
     let upstream = start_gated_upstream(entered_tx, release_rx).await;

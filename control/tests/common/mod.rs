@@ -179,6 +179,27 @@ pub struct Creds {
     pub secret: String,
 }
 
+/// A new key of `principal`, granted `methods` under `prefixes` of
+/// `service`: its signing credentials.
+pub async fn granted_key(
+    ks: &mut headroom_control::keystore::KeyStore,
+    principal: &str,
+    service: &str,
+    methods: &[&str],
+    prefixes: &[&str],
+) -> Creds {
+    let k = ks.create_key(principal).await.unwrap();
+    let grant = headroom_control::keystore::Grant {
+        methods: methods.iter().map(|m| m.to_string()).collect(),
+        prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+    };
+    ks.set_grant(service, principal, &grant).await.unwrap();
+    Creds {
+        akid: k.access_key_id,
+        secret: k.secret,
+    }
+}
+
 /// Send a SigV4-signed request; returns (status, body).
 pub async fn signed(
     c: &Client<HttpConnector, Full<Bytes>>,

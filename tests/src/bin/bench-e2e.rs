@@ -227,19 +227,23 @@ fn measure_variant(
     net.set_offloads(v.offloads())?;
     let installed = v.install(net, redis_url, &format!("r{round}"))?;
     let url = format!("http://{VIP}:{HTTP_PORT}/");
+    // One wrk run through the VIP: new connections (`close`) or keep-alive.
+    let wrk = |close| {
+        measure::wrk(
+            &net.client,
+            &url,
+            args.duration,
+            args.threads,
+            args.connections,
+            close,
+        )
+    };
     let mut s = Sample::default();
 
     let before = servers.requests();
     let pids = installed.pids();
     let (cpu0, own0) = (CpuTimes::now()?, measure::own_cpu_secs(&pids)?);
-    let close = measure::wrk(
-        &net.client,
-        &url,
-        args.duration,
-        args.threads,
-        args.connections,
-        true,
-    )?;
+    let close = wrk(true)?;
     let (cpu1, own1) = (CpuTimes::now()?, measure::own_cpu_secs(&pids)?);
     check_spread(v, &before, &servers.requests())?;
     ensure!(close.requests > 0, "no connection completed");
@@ -248,14 +252,7 @@ fn measure_variant(
     s.own_us_per_conn = (own1 - own0 + cpu1.irq_secs_since(&cpu0)) * 1e6 / close.requests as f64;
     s.errors += close.errors;
 
-    let ka = measure::wrk(
-        &net.client,
-        &url,
-        args.duration,
-        args.threads,
-        args.connections,
-        false,
-    )?;
+    let ka = wrk(false)?;
     s.req_per_s = ka.rate;
     s.p50_us = ka.p50_us;
     s.p99_us = ka.p99_us;
@@ -270,14 +267,7 @@ fn measure_variant(
         let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
             .context("enabling BPF run-time stats")?;
         let (t0, n0) = measure::prog_stats(&measure::PROGRAMS);
-        let r = measure::wrk(
-            &net.client,
-            &url,
-            args.duration,
-            args.threads,
-            args.connections,
-            true,
-        )?;
+        let r = wrk(true)?;
         let (t1, n1) = measure::prog_stats(&measure::PROGRAMS);
         ensure!(r.requests > 0, "no connection completed");
         let conns = r.requests as f64;
