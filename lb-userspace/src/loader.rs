@@ -690,14 +690,20 @@ impl Balancer {
     /// The ports (host order) set in the kernel's `NAT_PORTS`: sources whose
     /// packets the program checks for a reverse-NAT entry.
     pub fn nat_ports(&self) -> Result<Vec<u16>, BalancerError> {
-        let bits = self.nat_ports.get(&0, 0).map_err(map_err(maps::NAT_PORTS))?;
+        let bits = self
+            .nat_ports
+            .get(&0, 0)
+            .map_err(map_err(maps::NAT_PORTS))?;
         Ok(ports_of(&bits))
     }
 
     /// The ports (host order) set in the kernel's `VIP_PORTS`: destinations
     /// whose packets the program looks up as a service's.
     pub fn vip_ports(&self) -> Result<Vec<u16>, BalancerError> {
-        let bits = self.vip_ports.get(&0, 0).map_err(map_err(maps::VIP_PORTS))?;
+        let bits = self
+            .vip_ports
+            .get(&0, 0)
+            .map_err(map_err(maps::VIP_PORTS))?;
         Ok(ports_of(&bits))
     }
 
