@@ -345,13 +345,17 @@ fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, mut key: FlowKey, ip_len: u
     let chosen = 'pick: {
         // A port no service listens on is not a VIP's: no lookup at all.
         if port_in(&VIP_PORTS, key.dport) {
-            // An established flow needs only its conntrack entry.
+            // An established flow needs only its conntrack entry. A SYN
+            // always selects: a reused 4-tuple is a new connection.
             let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            if !syn {
-                if let Some(f) = CONNTRACK.get_ptr_mut(&key) {
-                    if let Some(c) = established(&pkt, f) {
-                        break 'pick c;
-                    }
+            let ct = if syn {
+                None
+            } else {
+                CONNTRACK.get_ptr_mut(&key)
+            };
+            if let Some(f) = ct {
+                if let Some(c) = established(&pkt, f) {
+                    break 'pick c;
                 }
             }
             let skey = ServiceKey {
@@ -361,7 +365,7 @@ fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, mut key: FlowKey, ip_len: u
                 family: key.family,
             };
             if let Some(svc) = unsafe { SERVICES.get(&skey) } {
-                match to_backend(ctx, &pkt, svc) {
+                match to_backend(ctx, &pkt, svc, syn, ct) {
                     Ok(c) => break 'pick c,
                     Err(verdict) => return verdict,
                 }
@@ -422,17 +426,22 @@ fn established(pkt: &Pkt, f: *mut Flow) -> Option<Chosen> {
     })
 }
 
-/// Picks (or recalls) the flow's backend and forwards the packet there.
+/// Picks (or recalls) the flow's backend. `ct`: the flow's entry as the
+/// short path found it (looked up once; `None` for a SYN or a miss).
 #[inline(always)]
-fn to_backend<C: Frame>(ctx: &C, pkt: &Pkt, svc: &ServiceValue) -> Result<Chosen, u32> {
+fn to_backend<C: Frame>(
+    ctx: &C,
+    pkt: &Pkt,
+    svc: &ServiceValue,
+    syn: bool,
+    ct: Option<*mut Flow>,
+) -> Result<Chosen, u32> {
     let key = &pkt.key;
     let udp = key.proto == PROTO_UDP;
-    let syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let mut now = 0;
     let mut chosen = None;
-    // A SYN always selects: a reused 4-tuple is a new connection.
     if !syn {
-        if let Some(f) = CONNTRACK.get_ptr_mut(key) {
+        if let Some(f) = ct {
             let id = rd(f).backend;
             match active_backend(id) {
                 None => bump(counter::CT_RESELECT),
