@@ -275,16 +275,24 @@ fn ipv4<C: Frame>(ctx: &C, l3: usize) -> u32 {
     }
     let ip_proto = w[2].to_ne_bytes()[1];
     let l4 = l3 + hlen;
-    let mut key = FlowKey {
-        family: FAMILY_V4,
-        proto: ip_proto,
-        ..FlowKey::default()
-    };
-    key.src[0] = w[3];
-    key.dst[0] = w[4];
+    let (src, dst) = ([w[3], 0, 0, 0], [w[4], 0, 0, 0]);
     match ip_proto {
-        PROTO_TCP | PROTO_UDP => l4_ports(ctx, l3, l4, key, tot_len),
-        IPPROTO_ICMP => icmp4(ctx, l3, l4, &key, tot_len),
+        PROTO_TCP | PROTO_UDP => {
+            let Some((sport, dport)) = ports_at(ctx, l4) else {
+                return counter::PASS_TRUNC_L4;
+            };
+            let key = FlowKey {
+                src,
+                dst,
+                sport,
+                dport,
+                proto: ip_proto,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            };
+            l4_ports(ctx, l3, l4, key, tot_len)
+        }
+        IPPROTO_ICMP => icmp4(ctx, l3, l4, &src, w[4], tot_len),
         _ => counter::PASS_L4_OTHER,
     }
 }
@@ -302,24 +310,42 @@ fn ipv6<C: Frame>(ctx: &C, l3: usize) -> u32 {
         return counter::PASS_TRUNC_IPV6;
     }
     let nh = w1[2];
-    let mut key = FlowKey {
-        family: FAMILY_V6,
-        proto: nh,
-        ..FlowKey::default()
-    };
-    key.src = [h[2], h[3], h[4], h[5]];
-    key.dst = [h[6], h[7], h[8], h[9]];
+    let (src, dst) = ([h[2], h[3], h[4], h[5]], [h[6], h[7], h[8], h[9]]);
     let ip_len = (plen + 40) as u16;
     match nh {
-        PROTO_TCP | PROTO_UDP => l4_ports(ctx, l3, l3 + 40, key, ip_len),
-        IPPROTO_ICMPV6 => icmp6(ctx, l3, l3 + 40, &key, ip_len),
+        PROTO_TCP | PROTO_UDP => {
+            let Some((sport, dport)) = ports_at(ctx, l3 + 40) else {
+                return counter::PASS_TRUNC_L4;
+            };
+            let key = FlowKey {
+                src,
+                dst,
+                sport,
+                dport,
+                proto: nh,
+                family: FAMILY_V6,
+                _pad: [0; 2],
+            };
+            l4_ports(ctx, l3, l3 + 40, key, ip_len)
+        }
+        IPPROTO_ICMPV6 => icmp6(ctx, l3, l3 + 40, &src, &dst, ip_len),
         IPPROTO_FRAGMENT => counter::PASS_FRAGMENT,
         _ => counter::PASS_L4_OTHER,
     }
 }
 
+/// The source and destination ports (network order) at `l4`.
 #[inline(always)]
-fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, mut key: FlowKey, ip_len: u16) -> u32 {
+fn ports_at<C: Frame>(ctx: &C, l4: usize) -> Option<(u16, u16)> {
+    let p = rd(at::<[u16; 2], C>(ctx, l4)?);
+    Some((p[0], p[1]))
+}
+
+/// `key` is complete (ports included) before it is built: a key built with
+/// zeroed ports and filled in later lets LLVM merge the zero stores into a
+/// `memset`, which bpf-linker leaves as a call to a byte-at-a-time loop.
+#[inline(always)]
+fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, key: FlowKey, ip_len: u16) -> u32 {
     let mut tcp_flags = 0;
     if key.proto == PROTO_TCP {
         let Some(th) = at::<[u8; 20], C>(ctx, l4) else {
@@ -329,12 +355,6 @@ fn l4_ports<C: Frame>(ctx: &C, l3: usize, l4: usize, mut key: FlowKey, ip_len: u
     } else if at::<[u8; 8], C>(ctx, l4).is_none() {
         return counter::PASS_TRUNC_L4;
     }
-    let Some(ports) = at::<[u16; 2], C>(ctx, l4) else {
-        return counter::PASS_TRUNC_L4;
-    };
-    let p = rd(ports);
-    key.sport = p[0];
-    key.dport = p[1];
     let pkt = Pkt {
         l3,
         l4,
@@ -530,7 +550,7 @@ fn deliver<C: Frame>(ctx: &C, pkt: &Pkt, c: &Chosen) -> u32 {
     if nat {
         if new_flow {
             let rkey = FlowKey {
-                src: b.addr,
+                src: words(&b.addr),
                 dst: key.src,
                 sport: b.port,
                 dport: key.sport,
@@ -538,14 +558,8 @@ fn deliver<C: Frame>(ctx: &C, pkt: &Pkt, c: &Chosen) -> u32 {
                 family: key.family,
                 _pad: [0; 2],
             };
-            let rev = RevNat {
-                vip: key.dst,
-                vport: key.dport,
-                _pad: [0; 2],
-                service: sid,
-                hop: NextHop::default(),
-            };
-            let _ = NAT_REV.insert(&rkey, &rev, 0);
+            let mut rev = core::mem::MaybeUninit::<RevNat>::uninit();
+            let _ = NAT_REV.insert(&rkey, rev_nat(&mut rev, &key.dst, key.dport, sid), 0);
         }
         if !rewrite(ctx, pkt, false, &b.addr, b.port) {
             return counter::PASS_TRUNC_L4;
@@ -607,6 +621,47 @@ fn nat_reply<C: Frame>(ctx: &C, pkt: &Pkt) -> u32 {
     }
     bump(counter::NAT_REPLY);
     forward(ctx, &hop)
+}
+
+/// A copy of four words as four loads. A plain array copy between two
+/// pointers that LLVM cannot prove apart becomes a `memmove`, which
+/// bpf-linker leaves as a call to a byte-at-a-time loop.
+#[inline(always)]
+fn words(a: &[u32; 4]) -> [u32; 4] {
+    unsafe {
+        [
+            core::ptr::read_volatile(&a[0]),
+            core::ptr::read_volatile(&a[1]),
+            core::ptr::read_volatile(&a[2]),
+            core::ptr::read_volatile(&a[3]),
+        ]
+    }
+}
+
+/// The reverse-NAT entry of a new flow, written in place, its next hop
+/// empty (epoch 0). The hop is zeroed word by word: a zeroed struct literal
+/// becomes a `memset` call (see [`l4_ports`]), and so does a copy of it.
+#[inline(always)]
+fn rev_nat<'a>(
+    rev: &'a mut core::mem::MaybeUninit<RevNat>,
+    vip: &[u32; 4],
+    vport: u16,
+    service: u32,
+) -> &'a RevNat {
+    let p = rev.as_mut_ptr();
+    unsafe {
+        core::ptr::addr_of_mut!((*p).vip).write(*vip);
+        core::ptr::addr_of_mut!((*p).vport).write(vport);
+        core::ptr::addr_of_mut!((*p)._pad).write([0; 2]);
+        core::ptr::addr_of_mut!((*p).service).write(service);
+        let hop = core::ptr::addr_of_mut!((*p).hop) as *mut u32;
+        let mut i = 0;
+        while i < size_of::<NextHop>() / 4 {
+            hop.add(i).write_volatile(0);
+            i += 1;
+        }
+        rev.assume_init_ref()
+    }
 }
 
 /// Where a frame goes next: egress interface and MACs.
@@ -697,7 +752,7 @@ fn rewrite<C: Frame>(ctx: &C, pkt: &Pkt, source: bool, addr: &[u32; 4], port: u1
             da.w32(old[i], addr[i]);
             i += 1;
         }
-        wr(a, *addr);
+        wr(a, words(addr));
     }
     let Some(p) = at::<u16, C>(ctx, pkt.l4 + port_off) else {
         return false;
@@ -715,7 +770,14 @@ fn rewrite<C: Frame>(ctx: &C, pkt: &Pkt, source: bool, addr: &[u32; 4], port: u1
 
 /// ICMPv4 fragmentation-needed quoting a balanced flow: to that flow's backend.
 #[inline(always)]
-fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
+fn icmp4<C: Frame>(
+    ctx: &C,
+    l3: usize,
+    l4: usize,
+    outer_src: &[u32; 4],
+    outer_dst: u32,
+    ip_len: u16,
+) -> u32 {
     let Some(ih) = at::<[u8; 8], C>(ctx, l4) else {
         return counter::PASS_TRUNC_L4;
     };
@@ -749,7 +811,7 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     };
     key.src[0] = w[4];
     key.dst[0] = w[3];
-    if outer.dst[0] != w[3] {
+    if outer_dst != w[3] {
         return counter::PASS_ICMP;
     }
     let Some((nat, b)) = tracked(&key) else {
@@ -757,7 +819,7 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     };
     let Some(hop) = lookup_with(ctx, |fib| {
         fib_init(ctx, fib, FAMILY_V4, IPPROTO_ICMP, ip_len);
-        fib.src = outer.src;
+        fib.src = *outer_src;
         fib.dst = b.addr;
     }) else {
         return counter::PASS_FIB;
@@ -798,7 +860,14 @@ fn icmp4<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
 
 /// ICMPv6 packet-too-big quoting a balanced flow: to that flow's backend.
 #[inline(always)]
-fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) -> u32 {
+fn icmp6<C: Frame>(
+    ctx: &C,
+    l3: usize,
+    l4: usize,
+    outer_src: &[u32; 4],
+    outer_dst: &[u32; 4],
+    ip_len: u16,
+) -> u32 {
     let Some(ih) = at::<[u8; 8], C>(ctx, l4) else {
         return counter::PASS_TRUNC_L4;
     };
@@ -829,7 +898,7 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
         family: FAMILY_V6,
         _pad: [0; 2],
     };
-    if outer.dst != key.dst {
+    if *outer_dst != key.dst {
         return counter::PASS_ICMP;
     }
     let Some((nat, b)) = tracked(&key) else {
@@ -837,7 +906,7 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
     };
     let Some(hop) = lookup_with(ctx, |fib| {
         fib_init(ctx, fib, FAMILY_V6, IPPROTO_ICMPV6, ip_len);
-        fib.src = outer.src;
+        fib.src = *outer_src;
         fib.dst = b.addr;
     }) else {
         return counter::PASS_FIB;
@@ -863,8 +932,8 @@ fn icmp6<C: Frame>(ctx: &C, l3: usize, l4: usize, outer: &FlowKey, ip_len: u16) 
             i += 1;
         }
         d.w16(rd(isport), b.port);
-        wr(odst, b.addr);
-        wr(isrc, b.addr);
+        wr(odst, words(&b.addr));
+        wr(isrc, words(&b.addr));
         wr(isport, b.port);
         wr(ccsum, d.apply(rd(ccsum)));
     }
@@ -896,26 +965,22 @@ fn tracked(key: &FlowKey) -> Option<(bool, &'static Backend)> {
     Some((mode == MODE_NAT, active_backend(f.backend)?))
 }
 
+/// The inputs of a lookup without flags; the caller sets `src` and `dst`.
+/// The outputs (`vlan`, MACs) are left as they are: zeroing them would cost
+/// a `memset` call (see [`l4_ports`]) for bytes the kernel overwrites.
 #[inline(always)]
 fn fib_init<C: Frame>(ctx: &C, fib: &mut Fib, family: u8, proto: u8, ip_len: u16) {
-    *fib = Fib {
-        family: if family == FAMILY_V6 {
-            AF_INET6
-        } else {
-            AF_INET
-        },
-        l4_protocol: proto,
-        sport: 0,
-        dport: 0,
-        tot_len: ip_len,
-        ifindex: ctx.ifindex(),
-        flowinfo: 0,
-        src: [0; 4],
-        dst: [0; 4],
-        vlan: 0,
-        smac: [0; 6],
-        dmac: [0; 6],
+    fib.family = if family == FAMILY_V6 {
+        AF_INET6
+    } else {
+        AF_INET
     };
+    fib.l4_protocol = proto;
+    fib.sport = 0;
+    fib.dport = 0;
+    fib.tot_len = ip_len;
+    fib.ifindex = ctx.ifindex();
+    fib.flowinfo = 0;
 }
 
 impl Fib {
