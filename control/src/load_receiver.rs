@@ -22,6 +22,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::gate::{json_error, json_response, reject, Body, Gate};
 use crate::keysync::{KeySync, KeySyncConfig};
 use crate::load_report::{RECEIVER_SERVICE, REPORT_PATH};
+use crate::per_thread::{DRAIN_GRACE, DRAIN_MARGIN};
 use crate::scoreboard::{self, LoadReport};
 use crate::sigv4::VerifyPolicy;
 
@@ -158,9 +159,18 @@ pub struct LoadReceiverHandle {
 }
 
 impl LoadReceiverHandle {
+    /// Stop accepting, let the reports in flight finish (idle keep-alive
+    /// connections close at once; at most [`DRAIN_GRACE`]), then stop key
+    /// sync. A report cut here would be lost: its sender does not retry it.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        self.server.abort();
+        let mut server = self.server;
+        // `serve_with` itself gives up after DRAIN_GRACE + DRAIN_MARGIN.
+        let bound = DRAIN_GRACE + DRAIN_MARGIN + Duration::from_secs(1);
+        if tokio::time::timeout(bound, &mut server).await.is_err() {
+            warn!("load-receiver did not drain in time");
+            server.abort();
+        }
         self.keysync.stop().await;
     }
 }

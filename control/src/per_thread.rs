@@ -13,6 +13,10 @@
 //! their first request yet [`FIRST_REQUEST_WAIT`] to do so, lets requests in
 //! progress finish (at most [`DRAIN_GRACE`]) and returns only when every
 //! worker thread has ended.
+//!
+//! Closing: a connection ends with a lingering close (see [`linger`]), so a
+//! client still sending a body the server refused (413) reads the answer
+//! instead of a connection reset.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -53,6 +57,14 @@ const STOP_ACCEPT_LIMIT: usize = 4096;
 /// How much longer than [`DRAIN_GRACE`] [`Workers::serve`] waits for the
 /// worker threads to end (their runtimes still have to shut down).
 pub const DRAIN_MARGIN: Duration = Duration::from_secs(1);
+
+/// Lingering close: how long a closed connection at most keeps reading and
+/// discarding what its client still sends (Apache's 2 s).
+pub const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Lingering close: how many bytes at most are read and discarded before
+/// the socket is closed anyway.
+pub const LINGER_BYTES: usize = 8 << 20;
 
 /// Why the worker threads could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +203,34 @@ impl Workers {
             workers.done.push(done_rx);
         }
         Ok(workers)
+    }
+
+    /// One worker running as a task on the current runtime instead of on a
+    /// thread of its own, for servers whose handlers belong to the caller's
+    /// runtime. [`Workers::serve`] drains it exactly like the threads.
+    /// Must be called within a tokio runtime (it spawns there).
+    pub fn in_task<F, Fut>(handler: F) -> Workers
+    where
+        F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        tokio::spawn(
+            async move {
+                worker(rx, handler).await;
+                let _ = done_tx.send(());
+            }
+            .instrument(Span::current()),
+        );
+        Workers {
+            slots: vec![Slot {
+                tx,
+                open: Arc::new(AtomicUsize::new(0)),
+            }],
+            done: vec![done_rx],
+            next: 0,
+        }
     }
 
     /// Accept on `listener` until `stop` changes, handing each connection to
@@ -412,15 +452,14 @@ where
             async move { Ok::<_, Infallible>(state.finish(h(req).await)) }
         })
     };
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
+    let mut conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
     let r = tokio::select! {
         // The connection first: a request it can already read when the stop
         // comes is taken (and so answered) first. One whose bytes the
         // reactor has not reported yet (a connection just registered) is
         // what the wait below is for.
         biased;
-        r = conn.as_mut() => r,
+        r = &mut conn => r,
         _ = &mut stop => 'drain: {
             state.draining.store(true, Ordering::Relaxed);
             if !state.seen.load(Ordering::Relaxed) {
@@ -429,18 +468,59 @@ where
                 let wait = tokio::time::timeout(FIRST_REQUEST_WAIT, state.first.notified());
                 tokio::select! {
                     biased;
-                    r = conn.as_mut() => break 'drain r,
+                    r = &mut conn => break 'drain r,
                     _ = wait => {}
                 }
             }
             // Idle keep-alive or still nothing read: closes now;
             // mid-request: answers (`Connection: close`), then closes.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            (&mut conn).await
         }
     };
     if let Err(e) = r {
         debug!(error = %e, "connection ended with error");
+    }
+    // hyper has written its last answer and (after a clean end) shut the
+    // write side down, but still holds the socket: take it back to close it
+    // gracefully rather than drop it.
+    linger(conn.into_parts().io.into_inner()).await;
+}
+
+/// Close `stream` the way nginx and Apache do ("lingering close"): send FIN,
+/// then read and discard what the client still sends until it closes too,
+/// for at most [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing a socket with
+/// unread data, or with data still arriving, makes the kernel answer with a
+/// reset: the client's upload fails (broken pipe) before it reads the answer
+/// (e.g. a 413 for a body it is still sending), and answer bytes not yet
+/// delivered are discarded. Only reached when a connection ends: keep-alive
+/// requests pay nothing; a client that already closed costs one read.
+async fn linger(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Err: the client reset the connection; there is nothing to wait for.
+    if stream.shutdown().await.is_err() {
+        return;
+    }
+    // The common end, the client already gone, needs no buffer.
+    match stream.try_read(&mut [0u8; 1]) {
+        Ok(0) => return,
+        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+        _ => {}
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = LINGER_BYTES;
+    let drained = tokio::time::timeout(LINGER_TIME, async {
+        while left > 0 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+        false
+    })
+    .await;
+    if drained != Ok(true) {
+        debug!("client still sending after the lingering close; closing anyway");
     }
 }
 

@@ -3,7 +3,6 @@
 //! path prefix) against the local key cache — zero Redis calls per request —
 //! then forwarded with the caller's principal in a header the shim sets.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -15,11 +14,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderName};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, Uri};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -398,39 +395,17 @@ async fn register_loop(redis: String, service: String, instance: String, addr: S
     }
 }
 
-/// Accept loop shared by the shim and the load-receiver: HTTP/1.1
-/// keep-alive, TCP_NODELAY, one task per connection, until `stop` changes.
-pub async fn serve_with<F, Fut>(listener: TcpListener, mut stop: watch::Receiver<bool>, handler: F)
+/// Serve HTTP/1.1 on `listener` with `handler` on the current runtime (the
+/// load-receiver, agent and machine-manager APIs) until `stop` changes,
+/// then drain like the shim's workers: stop accepting, close idle
+/// keep-alive connections, let requests in flight finish (at most
+/// [`DRAIN_GRACE`]) and return; connections end with a lingering close.
+pub async fn serve_with<F, Fut>(listener: TcpListener, stop: watch::Receiver<bool>, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            acc = listener.accept() => {
-                let (stream, _) = match acc {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let h = handler.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let h = h.clone();
-                        async move { Ok::<_, Infallible>(h(req).await) }
-                    });
-                    if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
-                        debug!(error = %e, "connection ended with error");
-                    }
-                });
-            }
-        }
-    }
+    Workers::in_task(handler).serve(listener, stop).await
 }
 
 struct InFlight(Arc<AtomicI64>);

@@ -476,3 +476,91 @@ async fn shim_registers_again_after_redis_restarts_empty() {
     .await;
     s.shutdown().await;
 }
+
+/// Polls until nothing listens on `addr` any more (bounded).
+async fn wait_refused(addr: std::net::SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still accepting connections after the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_report_in_flight_finish_then_refuses_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Env {
+        redis,
+        recv,
+        reporter,
+        ks: _ks,
+        _dir,
+    } = env().await;
+    let addr = recv.local_addr;
+    let body = br#"{"service":"api","instance":"10.0.0.9:8080","load":37}"#;
+    let host = addr.to_string();
+    let hdrs = headroom_control::sigv4::sign(
+        "POST",
+        "/v1/report",
+        "",
+        &[("host", &host)],
+        body,
+        &reporter.akid,
+        &reporter.secret,
+        REGION,
+        RECV,
+        headroom_control::sigv4::unix_now(),
+    );
+    let mut head = format!("POST /v1/report HTTP/1.1\r\nhost: {host}\r\n");
+    for (n, v) in &hdrs {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+    // The request is in flight: head and half the body sent, the receiver
+    // waiting for the rest.
+    let (first, rest) = body.split_at(body.len() / 2);
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let shutdown = tokio::spawn(recv.shutdown());
+    // Stopped accepting at once ...
+    wait_refused(addr).await;
+    // ... but still draining: shutdown waits for the report in flight
+    // (well inside its grace).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !shutdown.is_finished(),
+        "shutdown returned with a report in flight"
+    );
+    s.write_all(rest).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("no answer and close")
+        .expect("the connection was reset instead of answered");
+    // Closed as a client does once answered, ending the lingering close.
+    drop(s);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    assert!(answer.ends_with(r#"{"accepted":1}"#), "{answer:?}");
+    tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown did not return")
+        .unwrap();
+    let mut conn = redis.conn();
+    let load: Option<f64> = redis::cmd("ZSCORE")
+        .arg("headroom:sb:{api}:load")
+        .arg("10.0.0.9:8080")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(load, Some(37.0), "the report in flight was not written");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "a new connection was accepted after shutdown"
+    );
+}
