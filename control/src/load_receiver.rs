@@ -159,9 +159,9 @@ pub struct LoadReceiverHandle {
 }
 
 impl LoadReceiverHandle {
-    /// Stop accepting, let the reports in flight finish (idle keep-alive
-    /// connections close at once; at most [`DRAIN_GRACE`]), then stop key
-    /// sync. A report cut here would be lost: its sender does not retry it.
+    /// Stop accepting, let the reports in flight finish and close idle
+    /// keep-alive connections (at most [`DRAIN_GRACE`] in all), then stop
+    /// key sync. A report cut here would be lost: its sender does not retry it.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let mut server = self.server;

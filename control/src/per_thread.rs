@@ -58,9 +58,13 @@ const STOP_ACCEPT_LIMIT: usize = 4096;
 /// worker threads to end (their runtimes still have to shut down).
 pub const DRAIN_MARGIN: Duration = Duration::from_secs(1);
 
-/// Lingering close: how long a closed connection at most keeps reading and
-/// discarding what its client still sends (Apache's 2 s).
+/// Lingering close: how long a closed connection waits for each further
+/// read of what its client still sends (Apache's `SECONDS_TO_LINGER`).
 pub const LINGER_TIME: Duration = Duration::from_secs(2);
+
+/// Lingering close: how long a closed connection reads and discards in all
+/// (Apache's and nginx's 30 s); a shutdown cuts it at [`DRAIN_GRACE`].
+pub const LINGER_TOTAL: Duration = Duration::from_secs(30);
 
 /// Lingering close: how many bytes at most are read and discarded before
 /// the socket is closed anyway.
@@ -431,10 +435,7 @@ where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<Body>> + Send + 'static,
 {
-    let Handoff {
-        stream,
-        open: _open,
-    } = h;
+    let Handoff { stream, open } = h;
     let stream = match tokio::net::TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
@@ -483,45 +484,57 @@ where
     }
     // hyper has written its last answer and (after a clean end) shut the
     // write side down, but still holds the socket: take it back to close it
-    // gracefully rather than drop it.
-    linger(conn.into_parts().io.into_inner()).await;
+    // gracefully rather than drop it. A lingering connection serves nothing:
+    // it no longer counts against its worker.
+    let stream = conn.into_parts().io.into_inner();
+    drop(open);
+    linger(stream).await;
 }
 
 /// Close `stream` the way nginx and Apache do ("lingering close"): send FIN,
 /// then read and discard what the client still sends until it closes too,
-/// for at most [`LINGER_TIME`] and [`LINGER_BYTES`]. Closing a socket with
-/// unread data, or with data still arriving, makes the kernel answer with a
-/// reset: the client's upload fails (broken pipe) before it reads the answer
-/// (e.g. a 413 for a body it is still sending), and answer bytes not yet
-/// delivered are discarded. Only reached when a connection ends: keep-alive
-/// requests pay nothing; a client that already closed costs one read.
+/// while each read comes within [`LINGER_TIME`], for at most
+/// [`LINGER_TOTAL`] and [`LINGER_BYTES`]. Closing a socket with unread data,
+/// or with data still arriving, makes the kernel answer with a reset: the
+/// client's upload fails (broken pipe) before it reads the answer (e.g. a
+/// 413 for a body it is still sending), and answer bytes not yet delivered
+/// are discarded. Only reached when a connection ends: keep-alive requests
+/// pay nothing; a client that already closed costs a shutdown and one read.
+/// Nothing is allocated: a connection waiting here holds only its socket.
 async fn linger(mut stream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // Err: the client reset the connection; there is nothing to wait for.
     if stream.shutdown().await.is_err() {
         return;
     }
-    // The common end, the client already gone, needs no buffer.
-    match stream.try_read(&mut [0u8; 1]) {
-        Ok(0) => return,
-        Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
-        _ => {}
-    }
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = [0u8; 4096];
     let mut left = LINGER_BYTES;
-    let drained = tokio::time::timeout(LINGER_TIME, async {
-        while left > 0 {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return true,
-                Ok(n) => left = left.saturating_sub(n),
+    let deadline = tokio::time::Instant::now() + LINGER_TOTAL;
+    loop {
+        match stream.try_read(&mut buf) {
+            // The client closed (or reset): done.
+            Ok(0) => return,
+            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
+            Ok(n) => {
+                left = left.saturating_sub(n);
+                if left == 0 {
+                    break;
+                }
+                continue;
             }
+            Err(_) => {}
         }
-        false
-    })
-    .await;
-    if drained != Ok(true) {
-        debug!("client still sending after the lingering close; closing anyway");
+        let wait = LINGER_TIME.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        if wait.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(wait, stream.readable()).await {
+            Ok(Ok(())) => {}
+            // Silent for LINGER_TIME, or the socket failed.
+            _ => break,
+        }
     }
+    debug!("client still sending (or silent) after the lingering close; closing anyway");
 }
 
 #[cfg(test)]
@@ -876,5 +889,69 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    /// A connected pair: (server side, client side).
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        (accepted.unwrap().0, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn linger_ends_at_once_when_the_client_closes_on_fin() {
+        use tokio::io::AsyncReadExt;
+        let (server, mut client) = pair().await;
+        let t = std::time::Instant::now();
+        let closer = tokio::spawn(async move {
+            // Reads the FIN, then closes: what a well-behaved client does.
+            let mut b = [0u8; 16];
+            assert_eq!(client.read(&mut b).await.unwrap(), 0);
+        });
+        linger(server).await;
+        closer.await.unwrap();
+        assert!(t.elapsed() < LINGER_TIME / 2, "took {:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn linger_gives_up_on_a_silent_client_after_linger_time() {
+        let (server, _client) = pair().await;
+        let t = std::time::Instant::now();
+        linger(server).await;
+        let took = t.elapsed();
+        assert!(took >= LINGER_TIME, "gave up after {took:?}");
+        assert!(took < LINGER_TIME * 3, "waited {took:?}");
+    }
+
+    #[tokio::test]
+    async fn linger_stops_reading_after_linger_bytes() {
+        use tokio::io::AsyncWriteExt;
+        let (server, mut client) = pair().await;
+        // The client never closes and sends up to 8x the cap (bounded).
+        let sender = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 << 10];
+            let mut sent = 0usize;
+            while sent < LINGER_BYTES * 8 {
+                match tokio::time::timeout(Duration::from_secs(5), client.write_all(&chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len(),
+                    _ => break,
+                }
+            }
+            sent
+        });
+        let t = std::time::Instant::now();
+        linger(server).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t.elapsed()
+        );
+        // The server stopped reading (and closed) well before the client was done.
+        let sent = sender.await.unwrap();
+        assert!(
+            sent < LINGER_BYTES * 8,
+            "the client sent everything: {sent} bytes"
+        );
     }
 }

@@ -638,6 +638,14 @@ fn words(a: &[u32; 4]) -> [u32; 4] {
     }
 }
 
+// `rev_nat` writes every byte of a `RevNat` field by field: that holds while
+// it has no implicit padding and its hop is whole words.
+const _: () = assert!(
+    size_of::<RevNat>() == 16 + 2 + 2 + 4 + size_of::<NextHop>()
+        && size_of::<NextHop>() == 24
+        && core::mem::align_of::<NextHop>() == 4
+);
+
 /// The reverse-NAT entry of a new flow, written in place, its next hop
 /// empty (epoch 0). The hop is zeroed word by word: a zeroed struct literal
 /// becomes a `memset` call (see [`l4_ports`]), and so does a copy of it.
