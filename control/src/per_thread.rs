@@ -153,6 +153,18 @@ pub struct Workers {
     done: Vec<oneshot::Receiver<()>>,
     /// Rotates where the search for the least-loaded worker starts.
     next: usize,
+    /// Workers running as tasks ([`Workers::in_task`]): aborted with the
+    /// serving future, so aborting a server stops it as a crash would.
+    tasks: Vec<AbortOnDrop>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Workers {
@@ -173,6 +185,7 @@ impl Workers {
             slots: Vec::with_capacity(count),
             done: Vec::with_capacity(count),
             next: 0,
+            tasks: Vec::new(),
         };
         for index in 0..count {
             // On an error below, `workers` is dropped on return: the hand-off
@@ -220,7 +233,7 @@ impl Workers {
     {
         let (tx, rx) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = oneshot::channel();
-        tokio::spawn(
+        let task = tokio::spawn(
             async move {
                 worker(rx, handler).await;
                 let _ = done_tx.send(());
@@ -234,6 +247,7 @@ impl Workers {
             }],
             done: vec![done_rx],
             next: 0,
+            tasks: vec![AbortOnDrop(task.abort_handle())],
         }
     }
 
@@ -263,7 +277,11 @@ impl Workers {
             }
         }
         self.accept_queued(listener);
-        let Workers { slots, done, .. } = self;
+        // `tasks` lives to the end: dropped early (this future aborted), it
+        // takes the task workers and their connections with it.
+        let Workers {
+            slots, done, tasks, ..
+        } = self;
         // The hand-off channels closing is the workers' signal to drain.
         drop(slots);
         let all = async {
@@ -278,6 +296,7 @@ impl Workers {
         {
             warn!("worker threads still running after the drain grace; not waiting longer");
         }
+        drop(tasks);
     }
 
     /// Hand over every connection whose handshake the kernel completed but
@@ -953,5 +972,36 @@ mod tests {
             sent < LINGER_BYTES * 8,
             "the client sent everything: {sent} bytes"
         );
+    }
+
+    #[tokio::test]
+    async fn aborting_a_server_of_task_workers_cuts_its_requests_as_a_crash_would() {
+        let (entered_tx, mut entered) = mpsc::unbounded_channel::<()>();
+        let (release, release_rx) = watch::channel(false);
+        let workers = Workers::in_task(move |_req: Request<Incoming>| {
+            let (entered, mut release) = (entered_tx.clone(), release_rx.clone());
+            async move {
+                let _ = entered.send(());
+                let _ = release.wait_for(|r| *r).await;
+                Response::new(crate::gate::full("answered"))
+            }
+        });
+        let (addr, _stop, server) = serve_on_loopback(workers).await;
+        let mut client = connect(addr).await;
+        let held = tokio::spawn(async move { try_get(&mut client, "/").await });
+        tokio::time::timeout(Duration::from_secs(10), entered.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // Aborted, not stopped: the request in progress is cut, not drained.
+        server.abort();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // No receiver is left if the handler went with the abort.
+        release.send_replace(true);
+        let r = tokio::time::timeout(Duration::from_secs(10), held)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r.is_err(), "answered after the abort: {r:?}");
     }
 }
