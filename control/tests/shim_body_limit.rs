@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use headroom_control::keystore::{Grant, KeyStore};
+use headroom_control::keystore::KeyStore;
 use headroom_control::per_thread::LINGER_BYTES;
 use headroom_control::shim::{start_shim, ShimArgs, ShimHandle};
 use headroom_control::sigv4;
@@ -37,17 +37,7 @@ async fn env() -> Env {
     let redis = RedisServer::start();
     let dir = tempfile::tempdir().unwrap();
     let mut ks = KeyStore::connect(&redis.url()).await.unwrap();
-    let k = ks.create_key("alice").await.unwrap();
-    ks.set_grant(
-        SVC,
-        "alice",
-        &Grant {
-            methods: vec!["POST".into()],
-            prefixes: vec!["/api".into()],
-        },
-    )
-    .await
-    .unwrap();
+    let creds = granted_key(&mut ks, "alice", SVC, &["POST"], &["/api"]).await;
     let upstream = start_echo_upstream().await;
     let mut args = ShimArgs::new(SVC, "127.0.0.1:0".parse().unwrap(), upstream, &redis.url());
     args.snapshot = Some(dir.path().join("snap.json"));
@@ -57,10 +47,7 @@ async fn env() -> Env {
     Env {
         _redis: redis,
         shim,
-        creds: Creds {
-            akid: k.access_key_id,
-            secret: k.secret,
-        },
+        creds,
         _dir: dir,
     }
 }
