@@ -22,7 +22,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::gate::{json_error, json_response, reject, Body, Gate};
 use crate::keysync::{KeySync, KeySyncConfig};
 use crate::load_report::{RECEIVER_SERVICE, REPORT_PATH};
-use crate::per_thread::{DRAIN_GRACE, DRAIN_MARGIN};
+use crate::per_thread;
 use crate::scoreboard::{self, LoadReport};
 use crate::sigv4::VerifyPolicy;
 
@@ -160,17 +160,11 @@ pub struct LoadReceiverHandle {
 
 impl LoadReceiverHandle {
     /// Stop accepting, let the reports in flight finish and close idle
-    /// keep-alive connections (at most [`DRAIN_GRACE`] in all), then stop
+    /// keep-alive connections (at most [`DRAIN_GRACE`](per_thread::DRAIN_GRACE) in all), then stop
     /// key sync. A report cut here would be lost: its sender does not retry it.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let mut server = self.server;
-        // `serve_with` itself gives up after DRAIN_GRACE + DRAIN_MARGIN.
-        let bound = DRAIN_GRACE + DRAIN_MARGIN + Duration::from_secs(1);
-        if tokio::time::timeout(bound, &mut server).await.is_err() {
-            warn!("load-receiver did not drain in time");
-            server.abort();
-        }
+        per_thread::join_drained(self.server, "load-receiver").await;
         self.keysync.stop().await;
     }
 }

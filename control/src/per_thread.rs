@@ -14,7 +14,7 @@
 //! progress finish (at most [`DRAIN_GRACE`]) and returns only when every
 //! worker thread has ended.
 //!
-//! Closing: a connection ends with a lingering close (see [`linger`]), so a
+//! Closing: a connection ends with a lingering close (see `linger`), so a
 //! client still sending a body the server refused (413) reads the answer
 //! instead of a connection reset.
 
@@ -510,6 +510,17 @@ where
     linger(stream).await;
 }
 
+/// Waits for a task running [`Workers::serve`] to return after its stop,
+/// bounded: `serve` gives up on its workers after [`DRAIN_GRACE`] +
+/// [`DRAIN_MARGIN`], so a task still running a second later is aborted.
+pub async fn join_drained(mut server: tokio::task::JoinHandle<()>, what: &str) {
+    let bound = DRAIN_GRACE + DRAIN_MARGIN + Duration::from_secs(1);
+    if tokio::time::timeout(bound, &mut server).await.is_err() {
+        warn!("{what} did not drain in time");
+        server.abort();
+    }
+}
+
 /// Close `stream` the way nginx and Apache do ("lingering close"): send FIN,
 /// then read and discard what the client still sends until it closes too,
 /// while each read comes within [`LINGER_TIME`], for at most
@@ -526,22 +537,13 @@ async fn linger(mut stream: tokio::net::TcpStream) {
     if stream.shutdown().await.is_err() {
         return;
     }
-    let mut buf = [0u8; 4096];
     let mut left = LINGER_BYTES;
     let deadline = tokio::time::Instant::now() + LINGER_TOTAL;
     loop {
-        match stream.try_read(&mut buf) {
-            // The client closed (or reset): done.
-            Ok(0) => return,
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return,
-            Ok(n) => {
-                left = left.saturating_sub(n);
-                if left == 0 {
-                    break;
-                }
-                continue;
-            }
-            Err(_) => {}
+        match discard(&stream, &mut left) {
+            Some(Discarded::Closed) => return,
+            Some(Discarded::Enough) => break,
+            None => {}
         }
         let wait = LINGER_TIME.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
         if wait.is_zero() {
@@ -554,6 +556,35 @@ async fn linger(mut stream: tokio::net::TcpStream) {
         }
     }
     debug!("client still sending (or silent) after the lingering close; closing anyway");
+}
+
+/// How [`discard`] ended.
+enum Discarded {
+    /// The client closed (or reset) the connection.
+    Closed,
+    /// [`LINGER_BYTES`] were read.
+    Enough,
+}
+
+/// Reads and throws away what `stream` has now, counting it off `left`;
+/// `None` when nothing more is there yet. Not async, so its buffer is never
+/// part of a connection task's state: every connection's task is sized for
+/// its largest state, lingering or not.
+fn discard(stream: &tokio::net::TcpStream, left: &mut usize) -> Option<Discarded> {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return Some(Discarded::Closed),
+            Ok(n) => {
+                *left = left.saturating_sub(n);
+                if *left == 0 {
+                    return Some(Discarded::Enough);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+            Err(_) => return Some(Discarded::Closed),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::gate::{json_error, json_response, Body, Gate};
 use crate::keysync::{KeySync, KeySyncConfig};
 use crate::load_report::{LoadReporter, ReportConfig};
-use crate::per_thread::{Workers, DRAIN_GRACE, DRAIN_MARGIN};
+use crate::per_thread::{self, Workers};
 use crate::sigv4::VerifyPolicy;
 use crate::{keystore, scoreboard};
 
@@ -180,7 +180,7 @@ impl ShimHandle {
     /// Stop the registration loop, mark the instance draining (balancers
     /// stop sending it new flows), stop accepting, let the requests in
     /// flight finish (idle keep-alive connections close at once; at most
-    /// [`DRAIN_GRACE`]), then unregister the instance and stop key sync.
+    /// [`DRAIN_GRACE`](per_thread::DRAIN_GRACE)), then unregister the instance and stop key sync.
     /// Bounded: about 8 s with Redis unreachable (each Redis step has its
     /// own timeout), under the agent's default 10 s stop grace.
     pub async fn shutdown(self) {
@@ -204,16 +204,7 @@ impl ShimHandle {
         // Drain before unregistering: the balancer removes an instance that
         // has no address and re-selects its established flows
         // (docs/SCOREBOARD.md), which would cut the requests still in flight.
-        let mut server = self.server;
-        let drain = async {
-            // `serve` itself gives up after DRAIN_GRACE + DRAIN_MARGIN.
-            let bound = DRAIN_GRACE + DRAIN_MARGIN + Duration::from_secs(1);
-            if tokio::time::timeout(bound, &mut server).await.is_err() {
-                warn!("workers did not drain in time");
-                server.abort();
-            }
-        };
-        drain.await;
+        per_thread::join_drained(self.server, "shim").await;
         // Load reports go with the instance's records below: one in flight
         // now is of no use.
         if let Some(r) = self.reporter {
@@ -399,7 +390,7 @@ async fn register_loop(redis: String, service: String, instance: String, addr: S
 /// load-receiver, agent and machine-manager APIs) until `stop` changes,
 /// then drain like the shim's workers: stop accepting, close idle
 /// keep-alive connections, let requests in flight finish (at most
-/// [`DRAIN_GRACE`]) and return; connections end with a lingering close.
+/// [`DRAIN_GRACE`](per_thread::DRAIN_GRACE)) and return; connections end with a lingering close.
 pub async fn serve_with<F, Fut>(listener: TcpListener, stop: watch::Receiver<bool>, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
